@@ -1,0 +1,162 @@
+"""The `fastgpt` command: prepare, train, sample, info.
+
+User mistakes end in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+from pathlib import Path
+
+from fastgpt import FastGPTError, __version__
+from fastgpt.config import PRESETS, TrainConfig, field_types, make_config, parse_value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage first
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default="seed",
+                        help="starting config (default: seed, the chapter's); fields below override it")
+    group = parser.add_argument_group("config fields (each overrides the preset)")
+    defaults = TrainConfig()
+    for field, kind in field_types().items():
+        flags = [f"--{field}"] + ([f"--{field.replace('_', '-')}"] if "_" in field else [])
+        group.add_argument(*flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(),
+                           help=f"(seed: {getattr(defaults, field)!r})")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {field: parse_value(field, getattr(args, f"cfg_{field}"))
+            for field in field_types() if getattr(args, f"cfg_{field}") is not None}
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return make_config(args.preset, _overrides(args))
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fastgpt.data import load_corpus, prepare
+
+    config = _config(args)
+    corpus = load_corpus(config.corpus)
+    data = prepare(corpus, config.vocab_size, config.data_dir or None)
+    meta = data.meta
+    print(f"corpus {meta['corpus']} (sha256 {meta['corpus_sha256']}), "
+          f"{meta['corpus_chars']:,} characters -> {meta['n_tokens']:,} tokens "
+          f"({meta['corpus_chars'] / max(meta['n_tokens'], 1):.2f} characters per token); "
+          f"train {meta['n_train']:,}, val {meta['n_val']:,}; cache {data.directory}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastgpt.train import resume_config, train
+
+    if args.resume:
+        overrides = _overrides(args)
+        config = resume_config(overrides.pop("runs_dir", "runs"),
+                               overrides.pop("name", args.preset), overrides)
+    else:
+        config = _config(args)
+    train(config, resume=args.resume)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from fastgpt.sample import sample_from_checkpoint
+
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+    elif args.run:
+        run_dir = Path(args.runs_dir) / args.run
+        path = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    else:
+        raise FastGPTError("say what to sample from: --run NAME (runs/NAME/best.pt) "
+                           "or --checkpoint PATH")
+    texts = sample_from_checkpoint(
+        str(path), prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        num_samples=args.num_samples, device=args.device)
+    print("\n---\n".join(texts))
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastgpt import ops
+
+    print(f"fastgpt    {__version__}")
+    print(f"python     {platform.python_version()} ({sys.executable})")
+    print(f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
+    for package in ("triton", "numpy", "tokenizers"):
+        print(f"{package:<10} {_version(package)}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            print(f"device     cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        print(f"device     cpu ({torch.get_num_threads()} threads); no CUDA GPU visible")
+    print("kernels (fused backend; the reference backend is always available):")
+    for op, (ok, why) in ops.available().items():
+        print(f"  {op:<17} {'available' if ok else 'unavailable'}: {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastgpt", description="Train a small GPT; fused kernels with "
+                     "pure-PyTorch reference ops.")
+    parser.add_argument("--version", action="version", version=f"fastgpt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    prepare = commands.add_parser("prepare", help="train the tokenizer and cache the tokens")
+    _add_config_flags(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
+    train = commands.add_parser("train", help="train a GPT (the chapter's loop)")
+    _add_config_flags(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue runs/NAME/last.pt (NAME: --name, else the preset's name)")
+    train.set_defaults(func=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--run", help="run name: samples from runs/RUN/best.pt (else last.pt)")
+    sample.add_argument("--runs_dir", "--runs-dir", default="runs")
+    sample.add_argument("--checkpoint", help="a checkpoint file (instead of --run)")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=1.0, help="0 = always the likeliest")
+    sample.add_argument("--top_k", "--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--num_samples", "--num-samples", type=int, default=1)
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(func=cmd_sample)
+
+    info = commands.add_parser("info", help="versions, device, and which kernels can run")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FastGPTError as exc:
+        print(f"fastgpt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fastgpt: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,251 @@
+"""Corpus sources, the token cache (`prepare`), the 90/10 split and next-token batches.
+
+Corpus sources:
+  shakespeare  tiny-shakespeare (1,115,394 bytes), downloaded once into the cache dir and
+               verified by sha256
+  pystdlib     offline and present everywhere: the top-level .py modules of the running
+               Python's standard library, sorted by name and concatenated
+  PATH         a UTF-8 text file, or a directory whose files (recursively, sorted by path,
+               hidden ones skipped) are all UTF-8 text, concatenated
+  auto         shakespeare if cached or downloadable, else pystdlib
+
+Text that is not valid UTF-8 is refused with the file and byte offset, never guessed at or
+silently repaired: convert it first (e.g. `iconv -f latin1 -t utf-8`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fastgpt import FastGPTError
+from fastgpt.fileio import atomic_open, write_atomic
+from fastgpt.tokenizer import Tokenizer
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DOWNLOAD_TIMEOUT_S = 20
+VAL_FRACTION = 0.1
+CACHE_FORMAT = 1  # bump when the layout of a prepared cache changes
+
+Log = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    """$FASTGPT_CACHE, else $XDG_CACHE_HOME/fastgpt, else ~/.cache/fastgpt."""
+    if os.environ.get("FASTGPT_CACHE"):
+        return Path(os.environ["FASTGPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastgpt"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Corpus:
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.text.encode("utf-8"))
+
+
+def load_corpus(spec: str = "auto", log: Log = print) -> Corpus:
+    """Resolve a corpus source (see the module docstring) to its text."""
+    if spec == "auto":
+        try:
+            corpus = _shakespeare(log)
+        except FastGPTError as exc:
+            log(f"corpus: pystdlib (offline fallback: {exc})")
+            return _pystdlib()
+        log("corpus: shakespeare (auto: found or downloaded)")
+        return corpus
+    if spec == "shakespeare":
+        return _shakespeare(log)
+    if spec == "pystdlib":
+        return _pystdlib()
+    return _from_path(Path(spec))
+
+
+def _shakespeare(log: Log) -> Corpus:
+    path = cache_dir() / "tinyshakespeare.txt"
+    if path.is_file():
+        data = path.read_bytes()
+        if sha256_hex(data) == SHAKESPEARE_SHA256:
+            return Corpus("shakespeare", data.decode("utf-8"))
+        log(f"{path} does not match the expected sha256; downloading it again")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()
+    except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
+        raise FastGPTError(f"cannot download tiny-shakespeare from {SHAKESPEARE_URL}: {exc}") from None
+    if sha256_hex(data) != SHAKESPEARE_SHA256:
+        raise FastGPTError(
+            f"the download from {SHAKESPEARE_URL} has the wrong sha256 ({sha256_hex(data)[:16]}…); "
+            f"not using it")
+    write_atomic(path, data)
+    log(f"downloaded tiny-shakespeare to {path}")
+    return Corpus("shakespeare", data.decode("utf-8"))
+
+
+def _pystdlib() -> Corpus:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"), key=lambda p: p.name)
+    text = "".join(_read_utf8(p) for p in files)
+    if not text:
+        raise FastGPTError(f"no .py modules found in the standard library at {stdlib}")
+    return Corpus("pystdlib", text)
+
+
+def _from_path(path: Path) -> Corpus:
+    if not path.exists():
+        raise FastGPTError(
+            f"corpus {str(path)!r} is not a file, a directory, or one of: auto, shakespeare, pystdlib")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise FastGPTError(f"corpus directory {path} has no (non-hidden) files")
+    else:
+        files = [path]
+    text = "".join(_read_utf8(p) for p in files)
+    if not text:
+        raise FastGPTError(f"corpus {path} is empty")
+    return Corpus(str(path), text)
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FastGPTError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+@dataclass
+class PreparedData:
+    """A tokenized corpus: the tokenizer, the token ids (uint16 memmaps) and the cache meta."""
+    tokenizer: Tokenizer
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    meta: dict
+    directory: Path
+
+
+def prepare(corpus: Corpus, vocab_size: int, data_dir: str | Path | None = None,
+            tokenizer: Tokenizer | None = None, log: Log = print) -> PreparedData:
+    """Train (or take) the tokenizer, encode the corpus once and cache the ids.
+
+    The cache for (corpus, vocab_size) lives in data_dir/<corpus sha256[:16]>-v<vocab_size>:
+    tokens.bin (uint16 ids), tokenizer.json and meta.json. meta.json is written last, and a
+    cache is used only when meta.json matches the corpus, the tokenizer and the size of
+    tokens.bin, so a half-written cache is rebuilt, never read. Passing `tokenizer` (as a
+    resumed run does) reuses a cache only if it was built with that exact tokenizer.
+    """
+    root = Path(data_dir) if data_dir else cache_dir() / "prepared"
+    directory = root / f"{corpus.sha256[:16]}-v{vocab_size}"
+    if tokenizer is not None:
+        cached = _read_cache(directory, corpus, vocab_size)
+        if cached is None or cached.tokenizer.sha256 != tokenizer.sha256:
+            directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
+    cached = _read_cache(directory, corpus, vocab_size)
+    if cached is not None and (tokenizer is None or cached.tokenizer.sha256 == tokenizer.sha256):
+        return cached
+
+    if tokenizer is None:
+        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {corpus.name}")
+        tokenizer = Tokenizer.train([corpus.text], vocab_size)
+    if tokenizer.vocab_size > vocab_size:
+        raise FastGPTError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {vocab_size}")
+    log(f"encoding {len(corpus.text):,} characters")
+    ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.uint16)
+    n_val = int(len(ids) * VAL_FRACTION)
+    meta = {
+        "format": CACHE_FORMAT,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus.sha256,
+        "corpus_chars": len(corpus.text),
+        "vocab_size": vocab_size,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.sha256,
+        "n_tokens": len(ids),
+        "n_train": len(ids) - n_val,
+        "n_val": n_val,
+        "dtype": "uint16",
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").unlink(missing_ok=True)  # invalidate before touching the rest
+    with atomic_open(directory / "tokens.bin") as f:
+        f.write(ids.tobytes())
+    tokenizer.save(directory / "tokenizer.json")
+    write_atomic(directory / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    log(f"cached {len(ids):,} tokens in {directory}")
+    return _read_cache(directory, corpus, vocab_size)
+
+
+def _read_cache(directory: Path, corpus: Corpus, vocab_size: int) -> PreparedData | None:
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        tokenizer = Tokenizer.load(directory / "tokenizer.json")
+        tokens_path = directory / "tokens.bin"
+        valid = (meta.get("format") == CACHE_FORMAT
+                 and meta.get("corpus_sha256") == corpus.sha256
+                 and meta.get("vocab_size") == vocab_size
+                 and meta.get("tokenizer_sha256") == tokenizer.sha256
+                 and tokens_path.stat().st_size == 2 * meta["n_tokens"])
+    except (OSError, ValueError, KeyError, TypeError, FastGPTError):
+        return None
+    if not valid:
+        return None
+    ids = (np.memmap(tokens_path, dtype=np.uint16, mode="r") if meta["n_tokens"]
+           else np.zeros(0, dtype=np.uint16))  # numpy cannot memmap an empty file
+    n_train = meta["n_train"]
+    return PreparedData(tokenizer, ids[:n_train], ids[n_train:], meta, directory)
+
+
+class NextTokenDataset(Dataset):
+    """Item i is (x, y) = (ids[i:i+T], ids[i+1:i+T+1]) as int64 tensors of shape (T,).
+
+    Works over a memmap: only the window being read is loaded.
+    """
+
+    def __init__(self, token_ids: np.ndarray, context_length: int, split: str = "data"):
+        if len(token_ids) < context_length + 1:
+            raise FastGPTError(
+                f"the {split} split has {len(token_ids)} tokens, fewer than context_length + 1 "
+                f"= {context_length + 1}: use a larger corpus or a smaller context_length")
+        self.token_ids = token_ids
+        self.context_length = context_length
+
+    def __len__(self) -> int:
+        return len(self.token_ids) - self.context_length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} windows")
+        window = torch.from_numpy(self.token_ids[i:i + self.context_length + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+def make_loader(dataset: NextTokenDataset, batch_size: int, generator: torch.Generator,
+                pin_memory: bool = False, drop_last: bool = True) -> DataLoader:
+    """Shuffled batches (B, T) drawn with `generator`, so the order is reproducible."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                      generator=generator, pin_memory=pin_memory, num_workers=0)

@@ -1,0 +1,123 @@
+"""The GPT: token + learned position embeddings, pre-LayerNorm transformer blocks of causal
+multi-head self-attention and a ReLU MLP, a final LayerNorm and an untied lm_head.
+
+At the seed sizes (vocab 512, context 256, d_model 384, 6 heads, 6 layers) it has exactly
+11,132,672 parameters. Attention goes through fastgpt.ops, so the fused kernel and the
+reference are interchangeable.
+
+Initialisation (GPT-2's, plus a small read-out):
+- Linear and Embedding weights ~ N(0, 0.02^2), biases 0, LayerNorm weight 1 and bias 0;
+- the two projections that write into the residual stream (attention output, MLP down)
+  ~ N(0, (0.02 / sqrt(2 * num_layers))^2), so the residual's variance does not grow with depth;
+- lm_head weight ~ N(0, (1 / d_model)^2) (a muP-style read-out): the untrained logits have a
+  standard deviation of about 1/sqrt(d_model), so the model starts near the uniform guess and
+  pays ln(vocab_size) nats (6.2383 at vocab 512). With 0.02 the logits' spread alone would
+  add ~0.08 nats at the seed sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from fastgpt import ops
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        assert d_model % num_heads == 0, "num_heads must divide d_model"
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(d_model, d_model, bias=False)
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        B, T, C = x.shape
+        H = self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, C // H)
+            return t.view(B, T, H, C // H).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        y = ops.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(d_model, 4 * d_model)
+        self.down = nn.Linear(4 * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(torch.relu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int = 512, context_length: int = 256, d_model: int = 384,
+                 num_heads: int = 6, num_layers: int = 6, dropout: float = 0.1):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(context_length, d_model)
+        self.blocks = nn.ModuleList(
+            Block(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size)
+        self._init_weights(d_model, num_layers)
+
+    @torch.no_grad()
+    def _init_weights(self, d_model: int, num_layers: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * num_layers))
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=1.0 / d_model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) int64 token ids, T <= context_length -> logits (B, T, vocab_size)."""
+        B, T = idx.shape
+        if T > self.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
+        positions = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+             backend: str = "auto") -> torch.Tensor:
+        """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64."""
+        logits = self(idx)
+        return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction,
+                                 backend=backend)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

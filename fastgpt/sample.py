@@ -1,0 +1,57 @@
+"""Generate text from a trained checkpoint, one token at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgpt import FastGPTError
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.model import GPT
+from fastgpt.train import pick_device
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend idx (B, T) int64 by max_new_tokens tokens -> (B, T + max_new_tokens).
+
+    Each new token is drawn from softmax(logits / temperature), restricted to the top_k
+    most likely tokens if top_k is set; temperature 0 picks the most likely token. The
+    model sees at most its last context_length tokens.
+    """
+    if temperature < 0:
+        raise FastGPTError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FastGPTError(f"top_k must be at least 1, got {top_k}")
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.context_length:])[:, -1, :].float()  # (B, V)
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size(-1):
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def sample_from_checkpoint(path: str, prompt: str = "\n", max_new_tokens: int = 200,
+                           temperature: float = 1.0, top_k: int | None = None, seed: int = 1337,
+                           num_samples: int = 1, device: str = "auto") -> list[str]:
+    """Load a checkpoint and return num_samples continuations of prompt (prompt included)."""
+    if max_new_tokens < 0:
+        raise FastGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise FastGPTError(f"num_samples must be at least 1, got {num_samples}")
+    model, _, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    target = pick_device(device)
+    model.to(target)
+    prompt_ids = tokenizer.encode(prompt or "\n")  # an empty prompt starts a fresh line
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=target)
+    generator = torch.Generator().manual_seed(seed)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, generator)
+    return [tokenizer.decode(row.tolist()) for row in out]

@@ -1,0 +1,395 @@
+"""The training loop: guess the next token, bill the surprise with cross-entropy,
+backpropagate, nudge with AdamW, repeat; judge progress on the held-out split with
+`estimate_loss` every eval_interval steps (and at step 0, before any update).
+
+Outputs in runs/NAME/: config.json, metrics.jsonl (one JSON record per line), loss.png,
+last.pt (every eval, and on SIGINT/SIGTERM) and best.pt (lowest val loss so far).
+`resume=True` continues from last.pt and reproduces the uninterrupted run's losses: the
+checkpoint carries the model, optimizer, RNG states and the position in the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from fastgpt import FastGPTError
+from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
+from fastgpt.data import NextTokenDataset, load_corpus, make_loader, prepare
+from fastgpt.fileio import atomic_open, write_atomic
+from fastgpt.model import GPT
+from fastgpt.optim import AdamW
+from fastgpt.tokenizer import Tokenizer
+
+
+def log(message: str) -> None:
+    tqdm.write(message)  # prints above the progress bar instead of through it
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise FastGPTError(f"device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastGPTError(f"device {spec!r} asked for, but this PyTorch sees no CUDA GPU")
+    return device
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for the update that follows `step` completed steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Weight decay on the weight matrices only (unless decay_all): biases, LayerNorm
+    weights and embeddings go in a group with weight_decay 0."""
+    params = list(model.parameters())
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decayed = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+    not_decayed = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": not_decayed, "weight_decay": 0.0}]
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size: int,
+                  eval_batches: int, device: torch.device, seed: int,
+                  bf16: bool = False) -> dict[str, float]:
+    """Mean next-token loss per split over up to eval_batches batches, in eval mode (no
+    dropout). The batches come from a generator seeded with `seed`: every eval sees the
+    same ones, so evals are comparable and consume no training randomness."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for split, dataset in datasets.items():
+        loader = make_loader(dataset, batch_size, torch.Generator().manual_seed(seed),
+                             drop_last=False)
+        total, count = 0.0, 0
+        for _, (x, y) in zip(range(eval_batches), loader):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, bf16):
+                total += model.loss(x, y, reduction="sum").item()
+            count += y.numel()
+        losses[split] = total / count
+    model.train(was_training)
+    return losses
+
+
+class BatchStream:
+    """Endless shuffled training batches, epoch after epoch, that can be saved and resumed.
+
+    Its position is (epoch, batches taken in that epoch) plus the generator's state at the
+    epoch's start: resuming replays that epoch's shuffle and skips the batches already taken.
+    """
+
+    def __init__(self, dataset: NextTokenDataset, batch_size: int, seed: int, pin_memory: bool):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loader = make_loader(dataset, batch_size, self.generator, pin_memory=pin_memory)
+        self.epoch, self.batch = 0, 0
+        self._epoch_start = self.generator.get_state()
+        self._iterator: Iterator | None = None
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None:
+            self._epoch_start = self.generator.get_state()
+            self._iterator = iter(self.loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.batch, self._iterator = self.epoch + 1, 0, None
+            return next(self)
+        self.batch += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "generator": self._epoch_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch, self.batch, self._iterator = state["epoch"], 0, None
+        for _ in range(state["batch"]):
+            next(self)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
+    A second SIGINT stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log(f"{self.received} received: finishing this step and saving a checkpoint "
+            f"(press Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "StopSignals":
+        with contextlib.suppress(ValueError):  # signals can only be caught in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLoss(FastGPTError):
+    pass
+
+
+def resume_config(runs_dir: str, name: str, overrides: dict) -> TrainConfig:
+    """The config saved in runs_dir/name/last.pt with `overrides` applied on top."""
+    path = Path(runs_dir) / name / "last.pt"
+    if not path.is_file():
+        raise FastGPTError(f"--resume: there is no checkpoint at {path}; "
+                           f"start the run without --resume")
+    saved = load_checkpoint(path)["config"]
+    config = TrainConfig.from_dict({**saved, "runs_dir": runs_dir, "name": name, **overrides})
+    config.validate()
+    return config
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool | None = None) -> dict:
+    """Train per `config`; with resume=True continue runs_dir/name/last.pt.
+
+    Returns a summary: step, train_loss, val_loss, best_val_loss, run_dir, stopped
+    ("max_steps", "early_stop" or the signal's name). progress=None shows the tqdm bar only
+    on a terminal.
+    """
+    config.validate()
+    run_dir = Path(config.runs_dir) / config.name
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(last_path)
+        for field in ARCHITECTURE_FIELDS:
+            if checkpoint["config"][field] != getattr(config, field):
+                raise FastGPTError(
+                    f"{last_path} was trained with {field}={checkpoint['config'][field]}; "
+                    f"it cannot resume with {field}={getattr(config, field)}")
+    elif last_path.exists():
+        raise FastGPTError(f"{run_dir} already holds a run; continue it with --resume, "
+                           f"or start another with --name NEW_NAME")
+
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    corpus = load_corpus(config.corpus, log=log)
+    tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
+    if checkpoint and corpus.sha256 != checkpoint["corpus"]["sha256"]:
+        raise FastGPTError(f"the corpus has changed since {last_path} was written "
+                           f"(sha256 {corpus.sha256[:12]}… now, "
+                           f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
+    data = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer, log=log)
+    tokenizer = data.tokenizer
+    datasets = {"train": NextTokenDataset(data.train_ids, config.context_length, "train"),
+                "val": NextTokenDataset(data.val_ids, config.context_length, "val")}
+    if len(datasets["train"]) < config.batch_size:
+        raise FastGPTError(f"the train split has {len(datasets['train'])} windows, fewer than "
+                           f"batch_size={config.batch_size}: use a larger corpus or a smaller batch")
+
+    model = GPT(**config.model_kwargs()).to(device)
+    optimizer = AdamW(param_groups(model, config.weight_decay, config.weight_decay_all),
+                      lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    batches = BatchStream(datasets["train"], config.batch_size, config.seed,
+                          pin_memory=device.type == "cuda")
+    step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        batches.load_state_dict(checkpoint["data_position"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
+        best_val, evals_since_best = checkpoint["best_val_loss"], checkpoint["evals_since_best"]
+        _truncate_metrics(metrics_path, step)
+        log(f"resuming {run_dir} at step {step}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)  # left by a run that never wrote a checkpoint
+    n_params = model.num_parameters()
+    run_info = {"config": config.to_dict(), "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+                "tokenizer_sha256": tokenizer.sha256, "parameters": n_params,
+                "device": str(device), "torch": torch.__version__}
+    write_atomic(run_dir / "config.json", (json.dumps(run_info, indent=2) + "\n").encode())
+    log(f"{n_params:,} parameters on {device}; corpus {corpus.name} "
+        f"(sha256 {corpus.sha256[:12]}…), {data.meta['n_train']:,} train / "
+        f"{data.meta['n_val']:,} val tokens; untrained loss should be near "
+        f"ln({config.vocab_size}) = {math.log(config.vocab_size):.4f}")
+
+    def checkpoint_state() -> dict:
+        return {
+            "step": step, "config": config.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "tokenizer": tokenizer.to_json(),
+            "corpus": {"name": corpus.name, "sha256": corpus.sha256},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+            "data_position": batches.state_dict(), "best_val_loss": best_val,
+            "evals_since_best": evals_since_best, "tokens_seen": tokens_seen,
+        }
+
+    def evaluate() -> dict[str, float]:
+        nonlocal best_val, evals_since_best
+        losses = estimate_loss(model, datasets, config.batch_size, config.eval_batches, device,
+                               seed=config.seed + 1, bf16=config.bf16)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise NonFiniteLoss(
+                f"eval loss is not finite at step {step} ({losses}); stopped. The last good "
+                f"checkpoint is {last_path}")
+        improved = losses["val"] < best_val
+        best_val = min(best_val, losses["val"])
+        evals_since_best = 0 if improved else evals_since_best + 1
+        _append_metrics(metrics_path, {
+            "kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+            "lr": lr_at(max(step - 1, 0), config), "tokens_seen": tokens_seen,
+            "elapsed_s": round(time.perf_counter() - start_time, 3)})
+        plot_losses(metrics_path, run_dir / "loss.png", config.vocab_size)
+        state = checkpoint_state()
+        save_checkpoint(last_path, state)
+        if improved:
+            save_checkpoint(best_path, state)
+        log(f"step {step:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+            + (" (best)" if improved else ""))
+        return losses
+
+    start_time = time.perf_counter()
+    losses: dict[str, float] = {}
+    stopped = "max_steps"
+    if step == 0:
+        losses = evaluate()
+    elif step >= config.max_steps:
+        log(f"{run_dir} already reached max_steps={config.max_steps}; "
+            f"pass a larger --max_steps with --resume to train further")
+    tokens_per_step = config.batch_size * config.grad_accum * config.context_length
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    window_start, window_steps = time.perf_counter(), 0
+    with StopSignals() as signals, bar:
+        while step < config.max_steps:
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for _ in range(config.grad_accum):
+                x, y = next(batches)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with autocast(device, config.bf16):
+                    loss = model.loss(x, y) / config.grad_accum
+                loss.backward()
+                step_loss += loss.detach()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_steps += 1
+            bar.update(1)
+
+            if step % config.log_interval == 0 or step == config.max_steps or signals.received:
+                value = step_loss.item()  # the only host sync of a training step
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(
+                        f"training loss is {value} at step {step}; stopped. The last good "
+                        f"checkpoint is {last_path}")
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                _append_metrics(metrics_path, {"kind": "train", "step": step, "loss": value,
+                                               "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                losses = evaluate()
+                if config.patience and evals_since_best >= config.patience:
+                    stopped = "early_stop"
+                    log(f"early stop: val loss has not improved for {config.patience} evals")
+                    break
+            if signals.received:
+                stopped = signals.received
+                if step % config.eval_interval and step != config.max_steps:
+                    save_checkpoint(last_path, checkpoint_state())
+                log(f"stopped by {signals.received} at step {step}; checkpoint saved to "
+                    f"{last_path}. Resume with: fastgpt train --name {config.name} "
+                    f"--runs_dir {config.runs_dir} --resume")
+                break
+
+    summary = {"step": step, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+               "best_val_loss": best_val, "run_dir": str(run_dir), "stopped": stopped}
+    if stopped in ("max_steps", "early_stop") and losses:
+        log(f"done at step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+            f"(ln {config.vocab_size} = {math.log(config.vocab_size):.4f}), best val "
+            f"{best_val:.4f}; {time.perf_counter() - start_time:.0f} s; outputs in {run_dir}/")
+    return summary
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a crashed run wrote after its last checkpoint: the resumed run
+    writes them again."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def plot_losses(metrics_path: Path, png_path: Path, vocab_size: int) -> None:
+    """Train and val loss against step, with the untrained model's ln(vocab_size)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in read_metrics(metrics_path) if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [r["step"] for r in evals]
+    ax.plot(steps, [r["train_loss"] for r in evals], marker=".", label="train")
+    ax.plot(steps, [r["val_loss"] for r in evals], marker=".", label="val")
+    ax.axhline(math.log(vocab_size), color="grey", linestyle="--",
+               label=f"ln({vocab_size}) = {math.log(vocab_size):.3f} (uniform guess)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(f"{png_path.parent.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(png_path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,26 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache dir (corpus downloads, prepared tokens)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FASTGPT_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_text() -> str:
+    """About 100 KB of real English prose and code: the source of Python's argparse module,
+    present on every machine (the tests must not depend on ../shared)."""
+    return Path(argparse.__file__).read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def corpus_file(tmp_path, real_text) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(real_text, encoding="utf-8")
+    return path

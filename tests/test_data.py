@@ -1,0 +1,494 @@
+"""Tests for fastgpt.data: corpus sources, the prepared-token cache, the dataset and loader."""
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastgpt.data as data_mod
+from fastgpt import FastGPTError
+from fastgpt.data import (Corpus, NextTokenDataset, cache_dir, load_corpus, make_loader,
+                          prepare)
+from fastgpt.tokenizer import Tokenizer
+
+
+class Lines(list):
+    """A `log` callable that collects the lines."""
+
+    def __call__(self, line: str) -> None:
+        assert isinstance(line, str)
+        self.append(line)
+
+    def mentions(self, word: str) -> bool:
+        return any(word in line for line in self)
+
+
+# --- load_corpus: pystdlib, files, directories -----------------------------------------------
+
+def test_pystdlib_corpus():
+    corpus = load_corpus("pystdlib", log=Lines())
+    assert corpus.name == "pystdlib"
+    assert len(corpus.text) > 100_000
+    assert corpus.sha256 == hashlib.sha256(corpus.text.encode("utf-8")).hexdigest()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"), key=lambda p: p.name)
+    assert corpus.text.startswith(files[0].read_text(encoding="utf-8"))
+    assert corpus.text.endswith(files[-1].read_text(encoding="utf-8"))
+    assert load_corpus("pystdlib").text == corpus.text  # stable
+
+
+def test_corpus_sha256_is_of_utf8_bytes():
+    corpus = Corpus("x", "café 😀\n")
+    assert corpus.sha256 == hashlib.sha256("café 😀\n".encode("utf-8")).hexdigest()
+
+
+def test_corpus_from_file(corpus_file, real_text):
+    corpus = load_corpus(str(corpus_file), log=Lines())
+    assert corpus.text == real_text
+    assert corpus.name == str(corpus_file)
+    assert corpus.sha256 == hashlib.sha256(corpus_file.read_bytes()).hexdigest()
+
+
+def test_corpus_from_file_keeps_crlf_and_nul(tmp_path):
+    path = tmp_path / "raw.txt"
+    path.write_bytes("a\r\nb\x00c\r\n😀".encode("utf-8"))
+    assert load_corpus(str(path)).text == "a\r\nb\x00c\r\n😀"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+
+
+def test_corpus_from_directory_sorted_recursive_hidden_skipped(tmp_path):
+    root = tmp_path / "corpus"
+    _write(root / "b.txt", "B\n")
+    _write(root / "a.txt", "A\n")
+    _write(root / "z.md", "Z\n")
+    _write(root / "sub" / "c.txt", "C\n")
+    _write(root / "sub" / "deeper" / "d.txt", "D\n")
+    _write(root / "sub" / "0-empty.txt", "")
+    # hidden files and everything inside hidden directories are skipped
+    _write(root / ".hidden.txt", "HIDDEN\n")
+    _write(root / ".git" / "0.txt", "GIT\n")
+    _write(root / "sub" / ".secret", "SECRET\n")
+    _write(root / "sub" / ".cache" / "x.txt", "CACHE\n")
+    # a non-UTF-8 hidden file would raise if it were read
+    (root / ".bin").write_bytes(b"\xff\xfe")
+    corpus = load_corpus(str(root), log=Lines())
+    assert corpus.text == "A\nB\nC\nD\nZ\n"
+    assert corpus.name == str(root)
+
+
+def test_corpus_directory_inside_a_hidden_directory_is_read(tmp_path):
+    root = tmp_path / ".data" / "corpus"
+    _write(root / "one.txt", "one\n")
+    _write(root / "two.txt", "two\n")
+    assert load_corpus(str(root)).text == "one\ntwo\n"
+
+
+def test_missing_corpus_path_raises(tmp_path):
+    missing = tmp_path / "does-not-exist.txt"
+    with pytest.raises(FastGPTError) as info:
+        load_corpus(str(missing))
+    message = str(info.value)
+    assert str(missing) in message
+    assert "not a file, a directory" in message
+    assert "pystdlib" in message  # lists the named sources
+
+
+def test_empty_corpus_file_raises(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    with pytest.raises(FastGPTError) as info:
+        load_corpus(str(path))
+    assert str(info.value) == f"corpus {path} is empty"
+
+
+def test_empty_corpus_directory_raises(tmp_path):
+    root = tmp_path / "empty_dir"
+    root.mkdir()
+    with pytest.raises(FastGPTError) as info:
+        load_corpus(str(root))
+    assert str(root) in str(info.value)
+    assert "no (non-hidden) files" in str(info.value)
+
+
+def test_directory_of_only_hidden_files_raises(tmp_path):
+    root = tmp_path / "only_hidden"
+    _write(root / ".a", "x")
+    _write(root / ".dir" / "b.txt", "y")
+    with pytest.raises(FastGPTError, match="no \\(non-hidden\\) files"):
+        load_corpus(str(root))
+
+
+def test_directory_of_empty_files_raises(tmp_path):
+    root = tmp_path / "blank"
+    _write(root / "a.txt", "")
+    _write(root / "b.txt", "")
+    with pytest.raises(FastGPTError, match="is empty"):
+        load_corpus(str(root))
+
+
+def test_non_utf8_file_raises_with_file_and_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9")
+    with pytest.raises(FastGPTError) as info:
+        load_corpus(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert "not UTF-8" in message
+    assert "offset 3" in message
+    assert "0xe9" in message
+
+
+def test_non_utf8_file_in_directory_names_that_file(tmp_path):
+    root = tmp_path / "mixed"
+    _write(root / "a_good.txt", "fine\n")
+    bad = root / "sub" / "b_bad.txt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes("naïve ".encode("utf-8") + b"caf\xe9 au lait")
+    with pytest.raises(FastGPTError) as info:
+        load_corpus(str(root))
+    message = str(info.value)
+    assert str(bad) in message
+    assert f"offset {len('naïve '.encode('utf-8')) + 3}" in message
+
+
+# --- load_corpus: shakespeare and auto, without network ---------------------------------------
+
+FAKE_SHAKESPEARE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40
+
+
+@pytest.fixture
+def fake_shakespeare(tmp_path, monkeypatch):
+    source = tmp_path / "remote" / "input.txt"
+    source.parent.mkdir()
+    source.write_bytes(FAKE_SHAKESPEARE.encode("utf-8"))
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", source.as_uri())
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256",
+                        hashlib.sha256(source.read_bytes()).hexdigest())
+    return source
+
+
+def test_shakespeare_download_is_verified_and_cached(fake_shakespeare, monkeypatch, tmp_path):
+    cached = cache_dir() / "tinyshakespeare.txt"
+    assert not cached.exists()
+    log = Lines()
+    corpus = load_corpus("shakespeare", log=log)
+    assert corpus.name == "shakespeare"
+    assert corpus.text == FAKE_SHAKESPEARE
+    assert cached.read_bytes() == FAKE_SHAKESPEARE.encode("utf-8")
+    assert cached.parent == tmp_path / "cache"  # the per-test FASTGPT_CACHE
+    assert log == [f"downloaded tiny-shakespeare to {cached}"]
+
+    # second call: the source is gone, the cache is used and nothing is downloaded
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", (tmp_path / "gone.txt").as_uri())
+    log2 = Lines()
+    again = load_corpus("shakespeare", log=log2)
+    assert again.text == FAKE_SHAKESPEARE
+    assert again.name == "shakespeare"
+    assert log2 == []
+
+
+def test_shakespeare_wrong_sha256_raises_and_caches_nothing(fake_shakespeare, monkeypatch):
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256", "0" * 64)
+    with pytest.raises(FastGPTError) as info:
+        load_corpus("shakespeare", log=Lines())
+    assert "wrong sha256" in str(info.value)
+    assert fake_shakespeare.as_uri() in str(info.value)
+    assert not (cache_dir() / "tinyshakespeare.txt").exists()
+
+
+def test_shakespeare_corrupt_cache_is_downloaded_again(fake_shakespeare):
+    cached = cache_dir() / "tinyshakespeare.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+    log = Lines()
+    corpus = load_corpus("shakespeare", log=log)
+    assert corpus.text == FAKE_SHAKESPEARE
+    assert cached.read_bytes() == FAKE_SHAKESPEARE.encode("utf-8")
+    assert len(log) == 2
+    assert "does not match the expected sha256" in log[0]
+    assert log[1].startswith("downloaded tiny-shakespeare")
+
+
+def test_shakespeare_unreachable_raises(monkeypatch):
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", "file:///nonexistent/input.txt")
+    with pytest.raises(FastGPTError, match="cannot download tiny-shakespeare"):
+        load_corpus("shakespeare", log=Lines())
+
+
+def test_auto_falls_back_to_pystdlib_when_offline(monkeypatch):
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", "file:///nonexistent/input.txt")
+    log = Lines()
+    corpus = load_corpus("auto", log=log)
+    assert corpus.name == "pystdlib"
+    assert corpus.text == load_corpus("pystdlib").text
+    assert len(log) == 1
+    assert "pystdlib" in log[0]
+    assert not (cache_dir() / "tinyshakespeare.txt").exists()
+
+
+def test_auto_uses_shakespeare_when_downloadable(fake_shakespeare):
+    log = Lines()
+    corpus = load_corpus("auto", log=log)
+    assert corpus.name == "shakespeare"
+    assert corpus.text == FAKE_SHAKESPEARE
+    assert log.mentions("downloaded tiny-shakespeare")
+    assert log[-1] == "corpus: shakespeare (auto: found or downloaded)"
+
+
+# --- prepare ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_corpus(real_text) -> Corpus:
+    return Corpus("small", real_text[:20_000])
+
+
+def test_prepare_split_meta_and_lossless(real_text, tmp_path):
+    corpus = Corpus("argparse", real_text)
+    log = Lines()
+    data = prepare(corpus, 512, tmp_path / "prepared", log=log)
+    assert log.mentions("training")
+    assert log.mentions("encoding")
+
+    assert data.directory == tmp_path / "prepared" / f"{corpus.sha256[:16]}-v512"
+    assert sorted(p.name for p in data.directory.iterdir()) == [
+        "meta.json", "tokenizer.json", "tokens.bin"]
+    for ids in (data.train_ids, data.val_ids):
+        assert isinstance(ids, np.memmap)
+        assert ids.dtype == np.uint16
+
+    n = data.meta["n_tokens"]
+    n_val = int(n * 0.1)
+    assert len(data.train_ids) == n - n_val
+    assert len(data.val_ids) == n_val
+    assert data.meta["n_train"] == n - n_val
+    assert data.meta["n_val"] == n_val
+    assert data.meta["corpus_sha256"] == corpus.sha256
+    assert data.meta["tokenizer_sha256"] == data.tokenizer.sha256
+    assert data.meta["vocab_size"] == 512
+    assert data.meta["dtype"] == "uint16"
+    assert json.loads((data.directory / "meta.json").read_text()) == data.meta
+    assert (data.directory / "tokens.bin").stat().st_size == 2 * n
+
+    all_ids = np.concatenate([data.train_ids, data.val_ids]).tolist()
+    assert all_ids == data.tokenizer.encode(real_text)
+    assert max(all_ids) < 512
+    assert data.tokenizer.decode(all_ids) == real_text
+
+
+def test_prepare_default_dir_is_in_cache(small_corpus):
+    data = prepare(small_corpus, 300, log=Lines())
+    assert data.directory == cache_dir() / "prepared" / f"{small_corpus.sha256[:16]}-v300"
+
+
+def test_prepare_second_call_reuses_cache(small_corpus, tmp_path):
+    root = tmp_path / "prepared"
+    first_log = Lines()
+    first = prepare(small_corpus, 300, root, log=first_log)
+    assert first_log.mentions("training") and first_log.mentions("encoding")
+    tokens = first.directory / "tokens.bin"
+    mtime = tokens.stat().st_mtime_ns
+
+    second_log = Lines()
+    second = prepare(small_corpus, 300, root, log=second_log)
+    assert not second_log.mentions("training")
+    assert not second_log.mentions("encoding")
+    assert second.directory == first.directory
+    assert second.meta == first.meta
+    assert second.tokenizer.sha256 == first.tokenizer.sha256
+    assert np.array_equal(second.train_ids, first.train_ids)
+    assert np.array_equal(second.val_ids, first.val_ids)
+    assert tokens.stat().st_mtime_ns == mtime  # not rewritten
+
+
+def test_prepare_different_corpus_or_vocab_uses_different_directory(small_corpus, real_text,
+                                                                    tmp_path):
+    root = tmp_path / "prepared"
+    other = Corpus("other", real_text[20_000:40_000])
+    a = prepare(small_corpus, 300, root, log=Lines())
+    b = prepare(other, 300, root, log=Lines())
+    c = prepare(small_corpus, 320, root, log=Lines())
+    assert len({a.directory, b.directory, c.directory}) == 3
+    assert b.meta["corpus_sha256"] == other.sha256
+    assert c.meta["vocab_size"] == 320
+    assert c.tokenizer.vocab_size == 320
+    assert a.tokenizer.sha256 != c.tokenizer.sha256
+    assert b.tokenizer.decode(np.concatenate([b.train_ids, b.val_ids]).tolist()) == other.text
+    # the first cache is still intact and used
+    log = Lines()
+    again = prepare(small_corpus, 300, root, log=log)
+    assert again.directory == a.directory
+    assert not log.mentions("training") and not log.mentions("encoding")
+
+
+@pytest.mark.parametrize("damage", ["delete_meta", "truncate_tokens", "garbage_meta"])
+def test_prepare_rebuilds_half_written_cache(small_corpus, tmp_path, damage):
+    root = tmp_path / "prepared"
+    first = prepare(small_corpus, 300, root, log=Lines())
+    directory, meta = first.directory, dict(first.meta)
+    expected = np.concatenate([first.train_ids, first.val_ids]).copy()
+    del first  # drop the memmap before touching its file
+    if damage == "delete_meta":
+        (directory / "meta.json").unlink()
+    elif damage == "truncate_tokens":
+        with open(directory / "tokens.bin", "r+b") as f:
+            f.truncate(2 * (meta["n_tokens"] // 2))
+    else:
+        (directory / "meta.json").write_text("{not json")
+
+    log = Lines()
+    rebuilt = prepare(small_corpus, 300, root, log=log)
+    assert log.mentions("encoding")  # rebuilt, not read
+    assert rebuilt.directory == directory
+    assert rebuilt.meta == meta
+    assert (directory / "tokens.bin").stat().st_size == 2 * meta["n_tokens"]
+    assert np.array_equal(np.concatenate([rebuilt.train_ids, rebuilt.val_ids]), expected)
+    assert rebuilt.tokenizer.decode(expected.tolist()) == small_corpus.text
+
+
+def test_prepare_with_identical_tokenizer_reuses_cache(small_corpus, tmp_path):
+    root = tmp_path / "prepared"
+    first = prepare(small_corpus, 300, root, log=Lines())
+    same = Tokenizer.from_json(first.tokenizer.to_json())
+    log = Lines()
+    second = prepare(small_corpus, 300, root, tokenizer=same, log=log)
+    assert log == []
+    assert second.directory == first.directory
+    assert second.meta == first.meta
+    assert sorted(p.name for p in root.iterdir()) == [first.directory.name]
+
+
+def test_prepare_with_different_tokenizer_encodes_with_it(small_corpus, tmp_path):
+    root = tmp_path / "prepared"
+    default = prepare(small_corpus, 512, root, log=Lines())
+    tok300 = Tokenizer.train([small_corpus.text], vocab_size=300)
+    assert tok300.sha256 != default.tokenizer.sha256
+
+    log = Lines()
+    data = prepare(small_corpus, 512, root, tokenizer=tok300, log=log)
+    assert not log.mentions("training")
+    assert log.mentions("encoding")
+    assert data.directory != default.directory
+    assert data.directory.name == f"{small_corpus.sha256[:16]}-tok{tok300.sha256[:16]}"
+    assert data.tokenizer.sha256 == tok300.sha256
+    assert data.meta["tokenizer_sha256"] == tok300.sha256
+    assert data.meta["tokenizer_vocab_size"] == 300
+    ids = np.concatenate([data.train_ids, data.val_ids]).tolist()
+    assert ids == tok300.encode(small_corpus.text)
+    assert max(ids) < 300
+    assert ids != np.concatenate([default.train_ids, default.val_ids]).tolist()
+
+    # both caches stay valid: each call gets its own back without re-encoding
+    log_a, log_b = Lines(), Lines()
+    again_default = prepare(small_corpus, 512, root, log=log_a)
+    again_tok = prepare(small_corpus, 512, root, tokenizer=tok300, log=log_b)
+    assert log_a == [] and log_b == []
+    assert again_default.directory == default.directory
+    assert again_tok.directory == data.directory
+
+
+def test_prepare_refuses_tokenizer_larger_than_vocab_size(small_corpus, tmp_path):
+    tok = Tokenizer.train([small_corpus.text], vocab_size=320)
+    with pytest.raises(FastGPTError, match="320 tokens but vocab_size is 300"):
+        prepare(small_corpus, 300, tmp_path / "prepared", tokenizer=tok, log=Lines())
+
+
+# --- NextTokenDataset -------------------------------------------------------------------------
+
+def test_dataset_items_are_shifted_windows():
+    ids = (np.arange(50, dtype=np.uint16) * 7 + 3) % 1000
+    ids = ids.astype(np.uint16)
+    ds = NextTokenDataset(ids, context_length=8)
+    assert len(ds) == 50 - 8
+    for i in (0, 1, 17, len(ds) - 1):
+        x, y = ds[i]
+        assert x.dtype == torch.int64 and y.dtype == torch.int64
+        assert x.shape == (8,) and y.shape == (8,)
+        assert x.tolist() == ids[i:i + 8].tolist()
+        assert y.tolist() == ids[i + 1:i + 9].tolist()
+
+
+def test_dataset_on_memmap(tmp_path):
+    values = np.array([65535, 0, 1, 40000, 2, 3, 65534, 9, 8, 7], dtype=np.uint16)
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(values.tobytes())
+    mm = np.memmap(path, dtype=np.uint16, mode="r")
+    ds = NextTokenDataset(mm, context_length=4, split="train")
+    assert len(ds) == 6
+    x, y = ds[0]
+    assert x.tolist() == [65535, 0, 1, 40000]  # uint16 values widened, not wrapped
+    assert y.tolist() == [0, 1, 40000, 2]
+    x, y = ds[5]
+    assert x.tolist() == [3, 65534, 9, 8]
+    assert y.tolist() == [65534, 9, 8, 7]
+    assert x.dtype == torch.int64
+
+
+@pytest.mark.parametrize("index", [6, 7, 100, -1, -6])
+def test_dataset_index_out_of_range_raises_index_error(index):
+    ds = NextTokenDataset(np.arange(10, dtype=np.uint16), context_length=4)
+    with pytest.raises(IndexError):
+        ds[index]
+
+
+def test_dataset_exactly_context_plus_one_tokens_has_one_item():
+    ds = NextTokenDataset(np.arange(5, dtype=np.uint16), context_length=4)
+    assert len(ds) == 1
+    x, y = ds[0]
+    assert x.tolist() == [0, 1, 2, 3] and y.tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n", [0, 3, 4])
+def test_dataset_split_too_short_raises(n):
+    with pytest.raises(FastGPTError) as info:
+        NextTokenDataset(np.arange(n, dtype=np.uint16), context_length=4, split="val")
+    message = str(info.value)
+    assert "context_length" in message
+    assert f"the val split has {n} tokens" in message
+    assert "= 5" in message
+
+
+# --- make_loader ------------------------------------------------------------------------------
+
+def _batches(seed: int, drop_last: bool = True, n: int = 50, T: int = 4, B: int = 8):
+    ds = NextTokenDataset(np.arange(n, dtype=np.uint16), context_length=T)
+    loader = make_loader(ds, B, torch.Generator().manual_seed(seed), drop_last=drop_last)
+    return list(loader)
+
+
+def test_loader_batches_shape_and_dtype():
+    batches = _batches(0)
+    assert len(batches) == 46 // 8  # 5
+    for x, y in batches:
+        assert x.shape == (8, 4) and y.shape == (8, 4)
+        assert x.dtype == torch.int64 and y.dtype == torch.int64
+        assert torch.equal(y, x + 1)  # ids are arange: the target is the next token
+    starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert len(set(starts)) == 40  # no window drawn twice
+
+
+def test_loader_same_seed_same_order_different_seed_different_order():
+    a = _batches(1234)
+    b = _batches(1234)
+    c = _batches(4321)
+    starts = lambda batches: [x[:, 0].tolist() for x, _ in batches]  # noqa: E731
+    assert starts(a) == starts(b)
+    assert starts(a) != starts(c)
+    # shuffled, not sequential
+    assert starts(a) != [list(range(i, i + 8)) for i in range(0, 40, 8)]
+
+
+def test_loader_drop_last():
+    dropped = _batches(0, drop_last=True)
+    kept = _batches(0, drop_last=False)
+    assert [x.shape[0] for x, _ in dropped] == [8] * 5
+    assert [x.shape[0] for x, _ in kept] == [8] * 5 + [6]
+    starts = sorted(torch.cat([x[:, 0] for x, _ in kept]).tolist())
+    assert starts == list(range(46))  # every window exactly once per epoch
