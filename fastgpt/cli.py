@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from fastgpt import FastGPTError, __version__
-from fastgpt.config import PRESETS, TrainConfig, field_types, make_config, parse_value
+from fastgpt.config import (FIELD_HELP, PRESETS, TrainConfig, field_types, make_config,
+                            parse_value)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +29,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field, kind in field_types().items():
         flags = [f"--{field}"] + ([f"--{field.replace('_', '-')}"] if "_" in field else [])
         group.add_argument(*flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(),
-                           help=f"(seed: {getattr(defaults, field)!r})")
+                           help=f"{FIELD_HELP[field]} (seed: {getattr(defaults, field)!r})")
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -15,41 +15,37 @@ ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "d_model", "num_heads", "
 
 @dataclass
 class TrainConfig:
-    # run
-    name: str = "seed"  # outputs go to runs_dir/name/
+    """Everything a run needs; FIELD_HELP below says what each field means."""
+    name: str = "seed"
     runs_dir: str = "runs"
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # data
-    corpus: str = "auto"  # auto | shakespeare | pystdlib | path to a UTF-8 file or directory
-    data_dir: str = ""  # token cache; empty = the user cache dir (see fastgpt.data.cache_dir)
-    # model
+    device: str = "auto"
+    corpus: str = "auto"
+    data_dir: str = ""
     vocab_size: int = 512
     context_length: int = 256
     d_model: int = 384
     num_heads: int = 6
     num_layers: int = 6
     dropout: float = 0.1
-    # optimisation
     batch_size: int = 32
-    grad_accum: int = 1  # micro-batches per step; the step's batch is batch_size * grad_accum
+    grad_accum: int = 1
     lr: float = 3e-4
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.01
-    weight_decay_all: bool = False  # False: biases, LayerNorm weights and embeddings get no decay
-    lr_schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to min_lr)
+    weight_decay_all: bool = False
+    lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    bf16: bool = False  # bf16 autocast for forward and loss
+    grad_clip: float = 0.0
+    bf16: bool = False
     max_steps: int = 5000
-    # evaluation and logging
     eval_interval: int = 250
-    eval_batches: int = 50  # up to this many batches of each split per estimate_loss
-    log_interval: int = 10  # steps between train-loss records in metrics.jsonl
-    patience: int = 0  # early stop after this many evals without val improvement; 0 = off
+    eval_batches: int = 50
+    log_interval: int = 10
+    patience: int = 0
 
     def validate(self) -> None:
         """Raise FastGPTError naming the first field that makes no sense."""
@@ -97,6 +93,40 @@ class TrainConfig:
         if unknown:
             raise FastGPTError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+FIELD_HELP = {
+    "name": "run name: outputs go to runs_dir/name/",
+    "runs_dir": "directory holding the runs",
+    "seed": "seed for initialisation, dropout and the data order",
+    "device": "auto | cpu | cuda | cuda:N",
+    "corpus": "auto | shakespeare | pystdlib | a UTF-8 text file or a directory of them",
+    "data_dir": "token cache directory (empty: the user cache dir)",
+    "vocab_size": "byte-level BPE vocabulary size (256..65536)",
+    "context_length": "tokens per training sequence",
+    "d_model": "model width",
+    "num_heads": "attention heads (must divide d_model)",
+    "num_layers": "transformer blocks",
+    "dropout": "dropout on attention weights and residual branches",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "weight_decay": "AdamW decoupled weight decay",
+    "weight_decay_all": "decay every parameter (default: not biases, LayerNorm weights, embeddings)",
+    "lr_schedule": "constant | cosine (after warmup, decays to min_lr at max_steps)",
+    "warmup_steps": "linear warmup steps",
+    "min_lr": "final learning rate of the cosine schedule",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "bf16": "bf16 autocast for the forward pass and the loss",
+    "max_steps": "optimizer steps in all",
+    "eval_interval": "steps between estimate_loss evals (and checkpoints)",
+    "eval_batches": "batches of each split per eval (at most)",
+    "log_interval": "steps between train-loss records in metrics.jsonl",
+    "patience": "stop after this many evals without a better val loss (0: off)",
+}
 
 
 # `seed` is the chapter exactly. `cpu` is a smaller model and run that finishes in a few
