@@ -202,7 +202,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
 
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    corpus = load_corpus(config.corpus, log=log)
+    corpus_spec = config.corpus
+    if checkpoint and corpus_spec == "auto":
+        corpus_spec = checkpoint["corpus"]["name"]  # what "auto" chose when the run began
+    corpus = load_corpus(corpus_spec, log=log)
     tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
     if checkpoint and corpus.sha256 != checkpoint["corpus"]["sha256"]:
         raise FastGPTError(f"the corpus has changed since {last_path} was written "

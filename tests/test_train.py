@@ -200,3 +200,26 @@ def test_estimate_loss_restores_the_mode_and_uses_the_same_batches(tmp_path, cor
     with torch.no_grad():
         losses = [model.loss(x, y).item() for _, (x, y) in zip(range(3), loader)]
     assert first["val"] == pytest.approx(sum(losses) / 3, rel=1e-6)  # fp32 sums in another order
+
+
+def test_resume_of_an_auto_corpus_uses_what_auto_chose(tmp_path, real_text, monkeypatch):
+    # Offline, "auto" falls back to pystdlib; the resumed run must read pystdlib again, not
+    # resolve "auto" afresh (it might find shakespeare by then). Small stand-ins for both
+    # sources make that observable and fast.
+    import fastgpt.data as data_module
+    from fastgpt.data import Corpus
+    shakespeare_calls = []
+
+    def offline_shakespeare(log):
+        shakespeare_calls.append(1)
+        raise FastGPTError("offline")
+
+    monkeypatch.setattr(data_module, "_shakespeare", offline_shakespeare)
+    monkeypatch.setattr(data_module, "_pystdlib", lambda: Corpus("pystdlib", real_text))
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, "auto", max_steps=2, eval_interval=2))
+    assert load_checkpoint(runs / "tiny" / "last.pt")["corpus"]["name"] == "pystdlib"
+    assert shakespeare_calls == [1]
+    summary = train(resume_config(str(runs), "tiny", {"max_steps": 3}), resume=True)
+    assert summary["step"] == 3
+    assert shakespeare_calls == [1]  # "auto" was not resolved again
