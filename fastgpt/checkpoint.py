@@ -3,8 +3,8 @@ checkpoint can never run code.
 
 A checkpoint is a dict of tensors and plain Python values:
   format, step, config (TrainConfig as a dict), model, optimizer (state_dicts),
-  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (torch/cuda/loader states),
-  data_position, best_val_loss, evals_since_best, tokens_seen
+  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (torch and cuda RNG states),
+  data_position (see train.BatchStream), best_val_loss, evals_since_best, tokens_seen
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"
     """Rebuild the model (weights loaded, on the CPU), its config and its tokenizer."""
     try:
         config = TrainConfig.from_dict(checkpoint["config"])
+        config.validate()
         model = GPT(**config.model_kwargs())
         model.load_state_dict(checkpoint["model"])
     except (FastGPTError, TypeError, RuntimeError) as exc:

@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         overrides = _overrides(args)
-        config = resume_config(overrides.pop("runs_dir", "runs"),
+        config = resume_config(overrides.pop("runs_dir", TrainConfig.runs_dir),
                                overrides.pop("name", args.preset), overrides)
     else:
         config = _config(args)
@@ -85,6 +85,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, device=args.device)
     print("\n---\n".join(texts))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from fastgpt.verify import verify
+
+    return verify()
 
 
 def _version(package: str) -> str:
@@ -145,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)
 
+    verify = commands.add_parser("verify", help="check the fused kernels against the "
+                                 "reference ops on this machine (exit 1 on any failure)")
+    verify.set_defaults(func=cmd_verify)
+
     info = commands.add_parser("info", help="versions, device, and which kernels can run")
     info.set_defaults(func=cmd_info)
     return parser
@@ -156,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastGPTError as exc:
+        print(f"fastgpt: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # unreadable corpus, unwritable runs_dir or cache, full disk...
         print(f"fastgpt: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from fastgpt import FastGPTError
+from fastgpt.tokenizer import BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE
 
 
 # The fields that fix the shapes of the model's parameters.
@@ -46,6 +47,7 @@ class TrainConfig:
     eval_batches: int = 50
     log_interval: int = 10
     patience: int = 0
+    backend: str = ""
 
     def validate(self) -> None:
         """Raise FastGPTError naming the first field that makes no sense."""
@@ -58,10 +60,10 @@ class TrainConfig:
         if self.d_model % self.num_heads:
             raise FastGPTError(
                 f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
-        if not 256 <= self.vocab_size <= 65536:
+        if not BYTE_ALPHABET_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise FastGPTError(
-                f"vocab_size must be between 256 (the byte alphabet) and 65536 (tokens are "
-                f"stored as uint16), got {self.vocab_size}")
+                f"vocab_size must be between {BYTE_ALPHABET_SIZE} (the byte alphabet) and "
+                f"{MAX_VOCAB_SIZE} (tokens are stored as uint16), got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ["lr", "eps"]:
@@ -71,8 +73,11 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FastGPTError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ["weight_decay", "min_lr", "grad_clip", "warmup_steps", "patience"]:
-            if getattr(self, name) < 0:
-                raise FastGPTError(f"{name} must not be negative, got {getattr(self, name)}")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise FastGPTError(
+                    f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.backend not in ("", "auto", "reference", "fused"):
+            raise FastGPTError(f"backend must be auto, reference or fused, got {self.backend!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise FastGPTError(
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
@@ -126,6 +131,7 @@ FIELD_HELP = {
     "eval_batches": "batches of each split per eval (at most)",
     "log_interval": "steps between train-loss records in metrics.jsonl",
     "patience": "stop after this many evals without a better val loss (0: off)",
+    "backend": "auto | reference | fused for every op (empty: $FASTGPT_BACKEND, else auto)",
 }
 
 

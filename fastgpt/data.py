@@ -15,6 +15,7 @@ silently repaired: convert it first (e.g. `iconv -f latin1 -t utf-8`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ class Corpus:
     name: str
     text: str
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return sha256_hex(self.text.encode("utf-8"))
 
@@ -160,11 +161,10 @@ def prepare(corpus: Corpus, vocab_size: int, data_dir: str | Path | None = None,
     """
     root = Path(data_dir) if data_dir else cache_dir() / "prepared"
     directory = root / f"{corpus.sha256[:16]}-v{vocab_size}"
-    if tokenizer is not None:
-        cached = _read_cache(directory, corpus, vocab_size)
-        if cached is None or cached.tokenizer.sha256 != tokenizer.sha256:
-            directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
     cached = _read_cache(directory, corpus, vocab_size)
+    if tokenizer is not None and (cached is None or cached.tokenizer.sha256 != tokenizer.sha256):
+        directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
+        cached = _read_cache(directory, corpus, vocab_size)
     if cached is not None and (tokenizer is None or cached.tokenizer.sha256 == tokenizer.sha256):
         return cached
 

@@ -113,8 +113,9 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-             backend: str = "auto") -> torch.Tensor:
-        """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64."""
+             backend: str | None = None) -> torch.Tensor:
+        """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64.
+        backend None: the process default (fastgpt.ops.get_backend())."""
         logits = self(idx)
         return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction,
                                  backend=backend)

@@ -21,7 +21,7 @@ from fastgpt.ops import resolve_backend
 
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, backend: str = "auto"):
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, backend: str | None = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not eps >= 0.0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from fastgpt import FastGPTError
+from fastgpt import FastGPTError, ops
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.data import NextTokenDataset, load_corpus, make_loader, prepare
@@ -42,9 +43,14 @@ def pick_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise FastGPTError(f"device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise FastGPTError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastGPTError(f"device {spec!r} asked for, but this PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise FastGPTError(f"device {spec!r} asked for, but there are only "
+                           f"{torch.cuda.device_count()} CUDA GPUs")
     return device
 
 
@@ -182,16 +188,27 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
 
     Returns a summary: step, train_loss, val_loss, best_val_loss, run_dir, stopped
     ("max_steps", "early_stop" or the signal's name). progress=None shows the tqdm bar only
-    on a terminal.
+    on a terminal. SIGINT/SIGTERM are caught from the start: during preparation they take
+    effect after the first step.
     """
     config.validate()
+    previous_backend = ops.set_backend(config.backend or None)
+    try:
+        with StopSignals() as signals:
+            return _train(config, resume, progress, signals)
+    finally:
+        ops.set_backend(previous_backend)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool | None,
+           signals: StopSignals) -> dict:
     run_dir = Path(config.runs_dir) / config.name
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(last_path)
-        for field in ARCHITECTURE_FIELDS:
+        for field in ARCHITECTURE_FIELDS + ("weight_decay_all",):
             if checkpoint["config"][field] != getattr(config, field):
                 raise FastGPTError(
                     f"{last_path} was trained with {field}={checkpoint['config'][field]}; "
@@ -226,8 +243,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
                           pin_memory=device.type == "cuda")
     step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise FastGPTError(f"{last_path} does not fit this run ({reason})") from None
+        # The state is the checkpoint's; the hyperparameters are this run's config (which
+        # may override them on resume).
+        for group, decay in zip(optimizer.param_groups, param_groups(
+                model, config.weight_decay, config.weight_decay_all)):
+            group.update(betas=(config.beta1, config.beta2), eps=config.eps,
+                         weight_decay=decay["weight_decay"])
         batches.load_state_dict(checkpoint["data_position"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
@@ -265,16 +292,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
         losses = estimate_loss(model, datasets, config.batch_size, config.eval_batches, device,
                                seed=config.seed + 1, bf16=config.bf16)
         if not all(math.isfinite(v) for v in losses.values()):
-            raise NonFiniteLoss(
-                f"eval loss is not finite at step {step} ({losses}); stopped. The last good "
-                f"checkpoint is {last_path}")
+            raise NonFiniteLoss(f"eval loss is not finite at step {step} ({losses}); stopped. "
+                                + _last_good(last_path))
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         evals_since_best = 0 if improved else evals_since_best + 1
         _append_metrics(metrics_path, {
             "kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
             "lr": lr_at(max(step - 1, 0), config), "tokens_seen": tokens_seen,
-            "elapsed_s": round(time.perf_counter() - start_time, 3)})
+            "elapsed_s": round(time.perf_counter() - start_time, 3)}, sync=True)
         plot_losses(metrics_path, run_dir / "loss.png", config.vocab_size)
         state = checkpoint_state()
         save_checkpoint(last_path, state)
@@ -287,7 +313,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     start_time = time.perf_counter()
     losses: dict[str, float] = {}
     stopped = "max_steps"
-    if step == 0:
+    if checkpoint is None:
         losses = evaluate()
     elif step >= config.max_steps:
         log(f"{run_dir} already reached max_steps={config.max_steps}; "
@@ -296,7 +322,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=None if progress is None else not progress)
     window_start, window_steps = time.perf_counter(), 0
-    with StopSignals() as signals, bar:
+    with bar:
         while step < config.max_steps:
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
@@ -319,12 +345,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             window_steps += 1
             bar.update(1)
 
-            if step % config.log_interval == 0 or step == config.max_steps or signals.received:
-                value = step_loss.item()  # the only host sync of a training step
+            log_now = step % config.log_interval == 0 or step == config.max_steps
+            if log_now or signals.received:  # not every step: .item() waits for the GPU
+                value = step_loss.item()
                 if not math.isfinite(value):
-                    raise NonFiniteLoss(
-                        f"training loss is {value} at step {step}; stopped. The last good "
-                        f"checkpoint is {last_path}")
+                    raise NonFiniteLoss(f"training loss is {value} at step {step}; stopped. "
+                                        + _last_good(last_path))
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 window_start, window_steps = time.perf_counter(), 0
@@ -333,6 +360,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if step % config.eval_interval == 0 or step == config.max_steps:
                 losses = evaluate()
+                window_start = time.perf_counter()  # tokens/s counts training time only
                 if config.patience and evals_since_best >= config.patience:
                     stopped = "early_stop"
                     log(f"early stop: val loss has not improved for {config.patience} evals")
@@ -355,16 +383,32 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     return summary
 
 
-def _append_metrics(path: Path, record: dict) -> None:
+def _last_good(last_path: Path) -> str:
+    if last_path.exists():
+        return f"The last good checkpoint is {last_path}."
+    return "No checkpoint had been written yet."
+
+
+def _append_metrics(path: Path, record: dict, sync: bool = False) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+        if sync:  # before a checkpoint: the metrics it covers reach the disk first
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -56,7 +56,10 @@ def test_parse_value_errors(field, text, message):
     ({"lr": -1.0}, "lr must be a positive number"),
     ({"beta2": 1.0}, "beta2"),
     ({"lr_schedule": "linear"}, "lr_schedule"),
-    ({"grad_clip": -1.0}, "grad_clip must not be negative"),
+    ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
+    ({"min_lr": float("nan")}, "min_lr must be a finite number >= 0"),
+    ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
+    ({"backend": "cuda"}, "backend must be auto, reference or fused"),
     ({"name": "a/b"}, "plain directory name"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):

@@ -69,7 +69,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, real_tex
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus_file):
     runs = tmp_path / "runs"
-    settings = dict(max_steps=400, eval_interval=100, batch_size=4)
+    # log_interval 3: the stop must not add a train record the uninterrupted run lacks
+    settings = dict(max_steps=400, eval_interval=100, batch_size=4, log_interval=3)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastgpt", "train",
@@ -78,7 +79,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus
     metrics = runs / "stopped" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not any(
-            r["kind"] == "train" for r in read_metrics(metrics)):
+            r["kind"] == "train" for r in read_metrics(metrics)):  # i.e. past step 3
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
@@ -90,6 +91,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus
     train(resume_config(str(runs), "stopped", {}), resume=True)
     train(tiny_config(runs, corpus_file, name="whole", **settings))
     assert records(runs / "stopped", "train") == records(runs / "whole", "train")
+    assert records(runs / "stopped", "eval") == records(runs / "whole", "eval")
     whole, resumed = final_params(runs / "whole"), final_params(runs / "stopped")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
@@ -223,3 +225,80 @@ def test_resume_of_an_auto_corpus_uses_what_auto_chose(tmp_path, real_text, monk
     summary = train(resume_config(str(runs), "tiny", {"max_steps": 3}), resume=True)
     assert summary["step"] == 3
     assert shakespeare_calls == [1]  # "auto" was not resolved again
+
+
+def test_resume_after_a_crash_before_the_first_eval(tmp_path, corpus_file, monkeypatch):
+    runs = tmp_path / "runs"
+    settings = dict(max_steps=6, eval_interval=3, patience=5, log_interval=1)
+    train(tiny_config(runs, corpus_file, name="whole", **settings))
+
+    real_loss, calls = GPT.loss, []
+
+    def loss_then_crash(self, idx, targets, **kwargs):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # stands in for kill -9 during step 3
+        return real_loss(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", loss_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(runs, corpus_file, name="crashed", **settings))
+    monkeypatch.setattr(GPT, "loss", real_loss)
+    crashed = runs / "crashed"
+    assert load_checkpoint(crashed / "last.pt")["step"] == 0  # only the step-0 checkpoint
+    with open(crashed / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a line torn by the crash
+
+    train(resume_config(str(runs), "crashed", {}), resume=True)
+    assert records(crashed, "train") == records(runs / "whole", "train")
+    assert records(crashed, "eval") == records(runs / "whole", "eval")  # step 0 once
+    assert (load_checkpoint(crashed / "last.pt")["evals_since_best"]
+            == load_checkpoint(runs / "whole" / "last.pt")["evals_since_best"])
+
+
+def test_resume_applies_new_hyperparameters_but_refuses_new_decay_groups(tmp_path, corpus_file):
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, corpus_file, max_steps=2, eval_interval=2))
+    with pytest.raises(FastGPTError, match="weight_decay_all"):
+        train(resume_config(str(runs), "tiny", {"weight_decay_all": True, "max_steps": 3}),
+              resume=True)
+    train(resume_config(str(runs), "tiny", {"weight_decay": 0.5, "beta2": 0.9, "max_steps": 3}),
+          resume=True)
+    groups = load_checkpoint(runs / "tiny" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert all(g["betas"] == (0.9, 0.9) for g in groups)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mps", "is not one of auto, cpu, cuda"), ("gpu", "is not one of auto, cpu, cuda"),
+    ("cuda:7", "CUDA"),
+])
+def test_bad_devices(spec, message):
+    from fastgpt.train import pick_device
+    if spec == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(FastGPTError, match=message):
+        pick_device(spec)
+
+
+def test_backend_field_sets_the_process_default_for_the_run(tmp_path, corpus_file, monkeypatch):
+    from fastgpt import ops
+    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
+    seen = []
+    real_loss = GPT.loss
+
+    def recording_loss(self, idx, targets, **kwargs):
+        seen.append(ops.get_backend())
+        return real_loss(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", recording_loss)
+    train(tiny_config(tmp_path / "runs", corpus_file, max_steps=1, backend="reference"))
+    assert set(seen) == {"reference"}
+    assert ops.get_backend() == "auto"  # restored after the run
+    # "fused" is strict: every op must have a kernel that runs here
+    if not all(ok for ok, _ in ops.available().values()):
+        with pytest.raises(ops.BackendUnavailable, match="cannot run"):
+            train(tiny_config(tmp_path / "runs", corpus_file, name="f", max_steps=1,
+                              backend="fused"))
+        assert ops.get_backend() == "auto"
