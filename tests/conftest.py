@@ -1,7 +1,14 @@
 import argparse
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter. It
+# must be switched on before any kernel is defined, so before fastgpt's kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -458,35 +458,33 @@ def test_backend_unavailable_is_a_fastgpt_error():
     assert issubclass(ops.BackendUnavailable, FastGPTError)
 
 
-def _call(op, backend):
+def _call(op, backend, dtype=torch.float64):
     if op == "cross_entropy":
-        logits, targets = make_ce_inputs(5, 7, torch.float64)
+        logits, targets = make_ce_inputs(5, 7, dtype)
         return ops.cross_entropy(logits, targets, backend=backend)
-    q, k, v = attention_inputs(1, 2, 5, 8, torch.float64)
+    q, k, v = attention_inputs(1, 2, 5, 8, dtype)
     return ops.causal_attention(q, k, v, backend=backend)
 
 
-def _reference(op):
+def _reference(op, dtype=torch.float64):
     if op == "cross_entropy":
-        return reference.cross_entropy(*make_ce_inputs(5, 7, torch.float64))
-    return reference.causal_attention(*attention_inputs(1, 2, 5, 8, torch.float64))
+        return reference.cross_entropy(*make_ce_inputs(5, 7, dtype))
+    return reference.causal_attention(*attention_inputs(1, 2, 5, 8, dtype))
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_reference_and_auto_backends(op, backend):
-    got = _call(op, backend)
-    if backend == "reference" or not ops.available()[op][0]:
-        assert torch.equal(got, _reference(op))
-    else:  # a fused kernel ran: it must agree with the reference
-        assert_close_rel(got, _reference(op), REL_CE[torch.float64])
+@pytest.mark.parametrize("backend", ["reference", "auto", None])
+def test_reference_and_auto_backends_on_cpu_tensors(op, backend):
+    # "auto" picks a fused kernel only for CUDA tensors: on CPU tensors it is the reference
+    assert torch.equal(_call(op, backend), _reference(op))
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
 def test_fused_backend(op):
     ok, why = ops.available()[op]
-    if ok:
-        assert_close_rel(_call(op, "fused"), _reference(op), REL_CE[torch.float64])
+    if ok:  # e.g. the Triton kernel through the interpreter; it takes fp32, not fp64
+        assert_close_rel(_call(op, "fused", torch.float32).double(),
+                         _reference(op, torch.float32).double(), REL_CE[torch.float32])
         return
     with pytest.raises(ops.BackendUnavailable) as info:
         _call(op, "fused")
@@ -495,7 +493,7 @@ def test_fused_backend(op):
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
-@pytest.mark.parametrize("backend", ["triton", "", "Reference", None])
+@pytest.mark.parametrize("backend", ["triton", "", "Reference"])
 def test_unknown_backend(op, backend):
     with pytest.raises(ValueError, match="backend must be one of"):
         _call(op, backend)

@@ -1,11 +1,20 @@
 """The ops the model and trainer call: attention, the loss (and, in fastgpt.optim, AdamW).
 
-Each op takes `backend`: "auto" (the fused kernel where it can run, else the reference),
-"reference" (always the pure-PyTorch op), or "fused" (the kernel, or a clear error saying
-why it cannot run). No fused kernel ships yet, so "auto" resolves to the reference today.
+Each op takes `backend`:
+  "auto"       the fused kernel when the tensors are on CUDA and the kernel is available,
+               else the pure-PyTorch reference;
+  "reference"  always the reference (fastgpt/ops/reference.py);
+  "fused"      the kernel, or a BackendUnavailable error that says why it cannot run.
+  None         the process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto".
+
+The Triton kernel also runs on CPU tensors through Triton's interpreter when
+TRITON_INTERPRET=1 is set before fastgpt's kernels are imported (slow: for tests).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -21,38 +30,120 @@ KERNELS = {
     "causal_attention": "CUDA fused causal attention",
 }
 
+_default_backend: str | None = None
+
 
 class BackendUnavailable(FastGPTError):
     """backend="fused" was asked for an op whose kernel cannot run here."""
 
 
-def available() -> dict[str, tuple[bool, str]]:
-    """For each op: (whether its fused kernel can run here, why not / what it is)."""
-    return {op: (False, f"{kernel}: not implemented yet") for op, kernel in KERNELS.items()}
+class UnknownBackend(FastGPTError, ValueError):
+    """A backend name that is not one of BACKENDS."""
 
 
-def resolve_backend(op: str, backend: str) -> str:
-    """The backend that will run `op`: "reference" or "fused"."""
+def _check_backend(backend: str, source: str = "backend") -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise UnknownBackend(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def set_backend(backend: str | None) -> str | None:
+    """Set the process-wide default backend (None: back to $FASTGPT_BACKEND or "auto").
+    Returns the previous setting, so a caller can restore it."""
+    global _default_backend
+    previous = _default_backend
+    _default_backend = None if backend is None else _check_backend(backend)
+    return previous
+
+
+def get_backend() -> str:
+    """The process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto"."""
+    if _default_backend is not None:
+        return _default_backend
+    return _check_backend(os.environ.get("FASTGPT_BACKEND") or "auto", "FASTGPT_BACKEND")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton
+        from fastgpt.ops import triton_ce  # noqa: F401  (defines the kernels)
+    except Exception as exc:  # ImportError, or a Triton install that cannot load
+        return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    if triton_interpreting():
+        return True, (f"Triton {triton.__version__} through its interpreter "
+                      f"(TRITON_INTERPRET=1): CPU tensors, slowly")
+    if not torch.cuda.is_available():
+        return False, ("needs a CUDA GPU (or TRITON_INTERPRET=1 to run it on the CPU "
+                       "through Triton's interpreter)")
+    try:
+        triton_ce.self_check(torch.device("cuda"))
+    except Exception as exc:
+        return False, (f"Triton {triton.__version__} failed its self-check on "
+                       f"{torch.cuda.get_device_name()} ({type(exc).__name__}: {str(exc)[:300]})")
+    return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def available() -> dict[str, tuple[bool, str]]:
+    """For each op: (whether its fused kernel can run here, what it runs on or why not)."""
+    triton_ok, triton_why = _triton_status()
+    return {
+        "cross_entropy": (triton_ok, f"{KERNELS['cross_entropy']}: {triton_why}"),
+        "adamw": (False, f"{KERNELS['adamw']}: not implemented yet"),
+        "causal_attention": (False, f"{KERNELS['causal_attention']}: not implemented yet"),
+    }
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
+    """The backend that will run `op` on tensors on `device`: "reference" or "fused"."""
+    backend = get_backend() if backend is None else _check_backend(backend)
+    if backend == "reference":
+        return "reference"
     ok, why = available()[op]
-    if backend == "fused" and not ok:
+    on_cuda = device is not None and device.type == "cuda"
+    if backend == "auto":
+        return "fused" if ok and on_cuda else "reference"
+    if not ok:
         raise BackendUnavailable(f"fused {op} cannot run: {why}")
-    return "fused" if ok and backend != "reference" else "reference"
+    if device is not None and not on_cuda and not triton_interpreting():
+        raise BackendUnavailable(f"fused {op} needs CUDA tensors, got {device} ones")
+    return "fused"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      dropout_p: float = 0.0, scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str | None = None) -> torch.Tensor:
     """Causal softmax attention. q, k, v: (B, H, T, D) -> (B, H, T, D)."""
-    resolve_backend("causal_attention", backend)
+    resolve_backend("causal_attention", backend, q.device)
     return reference.causal_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0,
-                  backend: str = "auto") -> torch.Tensor:
-    """F.cross_entropy over logits (N, V) and int64 targets (N,)."""
-    resolve_backend("cross_entropy", backend)
-    return reference.cross_entropy(logits, targets, ignore_index=ignore_index,
-                                   reduction=reduction, label_smoothing=label_smoothing)
+                  backend: str | None = None, block_v: int | None = None,
+                  block_rows: int | None = None) -> torch.Tensor:
+    """F.cross_entropy over logits (N, V) and int64 targets (N,).
+
+    The fused kernel returns the loss in fp32 whatever the logits' dtype (torch returns the
+    logits' dtype); block_v / block_rows override its tile sizes (powers of two; for tests
+    and benchmarks).
+    """
+    if resolve_backend("cross_entropy", backend, logits.device) == "reference":
+        return reference.cross_entropy(logits, targets, ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=label_smoothing)
+    from fastgpt.ops.triton_ce import FusedCrossEntropy
+
+    reference.check_cross_entropy_inputs(logits, targets, ignore_index, reduction,
+                                         label_smoothing)
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the fused cross_entropy takes float32, bfloat16 or float16 logits, "
+                         f"got {logits.dtype}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    return FusedCrossEntropy.apply(logits, targets.contiguous(), ignore_index, reduction,
+                                   float(label_smoothing), compute_grad, block_v, block_rows)

@@ -34,26 +34,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     smoothing mixes in the mean of -log p over the V classes: (1 - e) * nll + e * smooth.
     reduction: "mean" -> scalar, "sum" -> scalar, "none" -> (N,).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must be ({logits.shape[0]},), got shape {tuple(targets.shape)}")
-    if targets.dtype != torch.int64:
-        raise ValueError(f"targets must be int64, got {targets.dtype}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    num_classes = logits.shape[1]
+    check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing)
     valid = targets != ignore_index
-    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
-    if out_of_range.any():
-        bad = targets[out_of_range][0].item()
-        raise ValueError(f"target {bad} is out of range for {num_classes} classes "
-                         f"(and is not ignore_index={ignore_index})")
-
     log_probs = torch.log_softmax(logits, dim=-1)                   # (N, V)
     safe_targets = torch.where(valid, targets, 0)
     loss = -log_probs.gather(1, safe_targets[:, None]).squeeze(1)   # (N,)
@@ -66,3 +48,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum()
+
+
+def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                               reduction: str, label_smoothing: float) -> None:
+    """Raise ValueError for what F.cross_entropy would reject or silently get wrong; every
+    backend calls this first. Checking the targets' range costs a device sync."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be ({logits.shape[0]},), got shape {tuple(targets.shape)}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64, got {targets.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device}, logits on {logits.device}")
+    num_classes = logits.shape[1]
+    valid = targets != ignore_index
+    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
+    if out_of_range.any():
+        bad = targets[out_of_range][0].item()
+        raise ValueError(f"target {bad} is out of range for {num_classes} classes "
+                         f"(and is not ignore_index={ignore_index})")

@@ -1,0 +1,174 @@
+"""`fastgpt verify`: the reference path against the fused path on identical inputs, for every
+op whose kernel can run on this machine, and for a whole training step of a small GPT.
+
+On a CPU the Triton kernel runs through Triton's interpreter (this module switches it on
+before the kernels are imported); on a GPU everything runs natively. Prints one table row
+per comparison and returns non-zero if any row fails.
+
+Tolerances (the `tol` column, an absolute bound on the max error):
+- fp32: 1e-6 of the largest magnitude compared (both paths accumulate in fp32, in
+  different orders);
+- bf16/fp16: FlashAttention's rule: the fused error against fp64 at most twice the
+  reference's own error in that dtype, plus 1e-6 of the largest magnitude; under Triton's
+  interpreter plus one ulp of that dtype, since the interpreter truncates fp32 to bf16
+  where a GPU rounds to nearest;
+- the training step (fp32): loss 1e-6 relative; each parameter's gradient 1e-5 of its
+  largest entry (dlogits' fp32 rounding carried back through the layers); parameters after
+  3 AdamW steps 1% of the learning rate per step. Adam divides each gradient by its own
+  scale, so a gradient difference of 1e-5 of a tensor's largest entry becomes an update
+  difference of 1e-5 * lr * (largest / own): up to 1% of lr for entries 1000x below their
+  tensor's largest. (A wrong gradient fails the grads row long before this one.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    dtype: str
+    shape: str
+    max_abs: float
+    max_rel: float
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= self.tol  # nan fails
+
+
+def _row(op: str, dtype: torch.dtype, shape, got: torch.Tensor, want: torch.Tensor,
+         tol: float) -> Row:
+    got, want = got.detach().double(), want.detach().double()
+    if torch.equal(torch.isnan(got), torch.isnan(want)):
+        finite = ~torch.isnan(want)
+        got, want = got[finite], want[finite]
+        error = (got - want).abs().max().item() if want.numel() else 0.0
+    else:
+        error = float("nan")
+    scale = want.abs().max().item() if want.numel() else 0.0
+    return Row(op, str(dtype).replace("torch.", ""), "x".join(map(str, shape)), error,
+               error / scale if scale else error, tol)
+
+
+def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
+    from fastgpt import ops
+
+    shapes = ([(8192, 512), (4096, 32768), (512, 131072)] if device.type == "cuda"
+              else [(64, 512), (16, 1000), (3, 50257)])
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, v in shapes:
+            generator = torch.Generator().manual_seed(n + v)
+            logits = (torch.randn(n, v, generator=generator) * 3).to(dtype).to(device)
+            targets = torch.randint(0, v, (n,), generator=generator).to(device)
+            targets[::7] = -100
+            results = {}
+            for backend, x in (("reference", logits), ("fused", logits),
+                               ("exact", logits.double())):
+                x = x.clone().requires_grad_()
+                loss = ops.cross_entropy(x, targets, backend="reference" if backend == "exact"
+                                         else backend)
+                loss.backward()
+                results[backend] = (loss.detach(), x.grad)
+            for i, name in enumerate(("loss", "grad")):
+                fused, ref, exact = (results[b][i].double() for b in ("fused", "reference",
+                                                                      "exact"))
+                floor = 1e-6 * max(exact.abs().max().item(), 1e-30)
+                if dtype == torch.float32:
+                    tol, want = floor, ref
+                else:
+                    tol, want = 2 * (ref - exact).abs().max().item() + floor, exact
+                    if interpreting and name == "grad":
+                        tol += ulp[dtype] * exact.abs().max().item()
+                rows.append(_row(f"cross_entropy {name}", dtype, (n, v), fused, want, tol))
+    return rows
+
+
+def _training_step_rows(device: torch.device) -> list[Row]:
+    from fastgpt import ops
+    from fastgpt.model import GPT
+    from fastgpt.optim import AdamW
+    from fastgpt.train import param_groups
+
+    steps, lr = 3, 1e-3
+    sizes = dict(vocab_size=512, context_length=64, d_model=64, num_heads=2, num_layers=2,
+                 dropout=0.0)
+    batch = (4, 64) if device.type == "cpu" else (32, 64)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 512, batch, generator=generator).to(device)
+    targets = torch.randint(0, 512, batch, generator=generator).to(device)
+    available = ops.available()
+
+    def pick(op: str, path: str) -> str:  # the fused run uses each kernel that can run here
+        return "fused" if path == "fused" and available[op][0] else "reference"
+
+    runs = {}
+    for path in ("reference", "fused"):
+        torch.manual_seed(0)
+        model = GPT(**sizes).to(device)
+        optimizer = AdamW(param_groups(model, 0.01), lr=lr, backend=pick("adamw", path))
+        # attention follows the process default: "auto" takes its kernel on CUDA tensors
+        previous = ops.set_backend("reference" if path == "reference" else "auto")
+        first = None
+        for _ in range(steps):
+            loss = model.loss(idx, targets, backend=pick("cross_entropy", path))
+            loss.backward()
+            if first is None:
+                first = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        ops.set_backend(previous)
+        runs[path] = (*first, dict(model.named_parameters()))
+    (ref_loss, ref_grads, ref_params), (loss, grads, params) = runs["reference"], runs["fused"]
+    shape = f"gpt {batch[0]}x{batch[1]}"
+    rows = [_row("train step loss", torch.float32, [shape], loss, ref_loss,
+                 1e-6 * ref_loss.abs().item())]
+    worst_grad = max((_row("train step grads", torch.float32, [shape], grads[n], g,
+                           1e-5 * g.abs().max().item()) for n, g in ref_grads.items()),
+                     key=lambda r: r.max_abs / r.tol if r.tol else float("inf"))
+    rows.append(worst_grad)
+    rows.append(_row(f"params after {steps} steps", torch.float32, [shape],
+                     torch.cat([params[n].flatten() for n in ref_params]),
+                     torch.cat([p.flatten() for p in ref_params.values()]), 1e-2 * lr * steps))
+    return rows
+
+
+def verify(print_fn=print) -> int:
+    """Run every comparison this machine allows; print the table; 0 if all pass."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is imported
+    from fastgpt import ops
+
+    interpreting = device.type == "cpu" and ops.triton_interpreting()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print_fn(f"fastgpt verify on {name}"
+             + (" (Triton kernels through the interpreter)" if interpreting else ""))
+    rows: list[Row] = []
+    skipped = []
+    for op, (ok, why) in ops.available().items():
+        if not ok:
+            skipped.append(f"{op}: {why}")
+    if ops.available()["cross_entropy"][0]:
+        rows += _cross_entropy_rows(device, interpreting)
+    if any(ok for ok, _ in ops.available().values()):
+        rows += _training_step_rows(device)
+
+    header = f"{'op':<24} {'dtype':<9} {'shape':<14} {'max abs err':>11} {'max rel err':>11} {'tol':>9}  result"
+    print_fn(header)
+    print_fn("-" * len(header))
+    for r in rows:
+        print_fn(f"{r.op:<24} {r.dtype:<9} {r.shape:<14} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
+                 f"{r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
+    for line in skipped:
+        print_fn(f"not verified here: {line}")
+    failed = sum(not r.passed for r in rows)
+    print_fn(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed or not rows else 0

@@ -1,0 +1,25 @@
+"""The benchmarks run (on a CPU in their reference-only mode) and write their JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+def test_cross_entropy_benchmark_reference_mode(tmp_path):
+    out = tmp_path / "ce.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_cross_entropy.py"), "--vocabs",
+                             "512", "--reps", "1", "--warmup", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU: timing the reference and eager torch on the CPU only" in result.stdout
+    data = json.loads(out.read_text())
+    assert [(r["dtype"], r["V"], r["N"]) for r in data["rows"]] == [
+        ("float32", 512, 8192), ("bfloat16", 512, 8192)]
+    assert all(r["eager_ms"] > 0 and r["reference_ms"] > 0 for r in data["rows"])

@@ -1,0 +1,300 @@
+"""The fused Triton cross-entropy against torch.nn.functional.cross_entropy.
+
+Without a GPU this runs the kernel through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), on CPU tensors; small block_v values make the vocab loop run several
+times. Tolerances:
+- fp32: the kernel and torch both accumulate in fp32, in different orders; errors against
+  an fp64 reference must stay within 1e-6 of the largest magnitude compared (fp32's epsilon
+  is 1.2e-7; sums over at most a few thousand terms).
+- bf16/fp16: FlashAttention's rule: the kernel's error against fp64 at most twice that of
+  torch's own computation in the same precision, plus a floor of 1e-6 of the largest
+  magnitude (for quantities torch happens to get exactly).
+- bf16 under Triton's interpreter: the interpreter converts fp32 to bf16 by truncating
+  (a GPU rounds to nearest), so a stored bf16 gradient may be off by up to one bf16 ulp,
+  2^-7 of its magnitude, and by half an ulp more when the backward of "mean"/"sum" scales
+  it by a grad_output other than 1 (a second rounding): checked element by element instead
+  of by the rule above.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgpt import FastGPTError, ops
+from fastgpt.model import GPT
+
+pytestmark = pytest.mark.skipif(
+    not ops.available()["cross_entropy"][0],
+    reason=f"fused cross_entropy unavailable: {ops.available()['cross_entropy'][1]}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def fused(logits, targets, **kwargs):
+    return ops.cross_entropy(logits, targets, backend="fused", **kwargs)
+
+
+def loss_and_grad(fn, logits, targets, grad_output, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, targets, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, grad_output.to(loss.dtype))
+    return loss.detach(), grad
+
+
+def assert_matches_torch(logits, targets, grad_output=None, block_v=None, block_rows=None,
+                         **kwargs):
+    """Loss and gradient of the fused op against fp64, judged against torch in the same dtype."""
+    reduction = kwargs.get("reduction", "mean")
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    if grad_output is None:
+        grad_output = torch.randn(shape, generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.float64).to(DEVICE)
+    ours = loss_and_grad(fused, logits, targets, grad_output, block_v=block_v,
+                         block_rows=block_rows, **kwargs)
+    theirs = loss_and_grad(F.cross_entropy, logits, targets, grad_output, **kwargs)
+    exact = loss_and_grad(F.cross_entropy, logits.double(), targets, grad_output, **kwargs)
+    assert ours[0].dtype == torch.float32  # the fused loss is kept in fp32
+    assert ours[1].dtype == logits.dtype and ours[1].shape == logits.shape
+    for name, mine, torch_own, want in zip(("loss", "grad"), ours, theirs, exact):
+        assert torch.equal(torch.isnan(mine), torch.isnan(want)), name
+        finite = ~torch.isnan(want)
+        mine, torch_own, want = mine.double()[finite], torch_own.double()[finite], want[finite]
+        if want.numel() == 0:
+            continue
+        floor = 1e-6 * max(1.0, want.abs().max().item())
+        error = (mine - want).abs().max().item()
+        if name == "grad" and logits.dtype == torch.bfloat16 and ops.triton_interpreting():
+            rescaled = reduction != "none" and grad_output.item() != 1.0
+            ulps = 1.5 if rescaled else 1.0
+            assert ((mine - want).abs() <= ulps * 2.0 ** -7 * want.abs() + floor).all(), name
+        elif logits.dtype in LOW_PRECISION:
+            torch_error = (torch_own - want).abs().max().item()
+            assert error <= 2 * torch_error + floor, (name, error, torch_error)
+        else:
+            assert error <= floor, (name, error)
+    return ours
+
+
+def random_case(N, V, dtype, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    return logits.to(DEVICE), targets.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, V, block_v", [
+    (1, 2, None), (5, 7, None), (13, 7, 2), (37, 512, 128), (16, 512, None),
+    (9, 1000, 256), (3, 50257, 4096),
+])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch(dtype, N, V, block_v, reduction):
+    logits, targets = random_case(N, V, dtype)
+    assert_matches_torch(logits, targets, reduction=reduction, block_v=block_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 3, -1])
+def test_ignore_index_and_label_smoothing(dtype, reduction, ignore_index):
+    logits, targets = random_case(21, 300, dtype, seed=2)
+    targets[::3] = ignore_index
+    for label_smoothing in (0.0, 0.1):
+        loss, grad = assert_matches_torch(logits, targets, reduction=reduction,
+                                          ignore_index=ignore_index, block_v=64,
+                                          label_smoothing=label_smoothing)
+        assert torch.all(grad[::3] == 0)  # ignored rows get no gradient
+        if reduction == "none":
+            assert torch.all(loss[::3] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_what_torch_gives(reduction):
+    logits, targets = random_case(6, 50, torch.float32)
+    targets[:] = -100
+    loss, grad = assert_matches_torch(logits, targets, reduction=reduction, block_v=16)
+    assert torch.all(grad == 0)
+    if reduction == "mean":
+        assert torch.isnan(loss)  # 0 / 0, as torch
+
+
+def test_several_rows_per_program_and_row_counts_off_the_block():
+    # block_rows 8: N = 1, 7, 8, 9, 17 cover partial first and last row blocks
+    for N in (1, 7, 8, 9, 17):
+        logits, targets = random_case(N, 512, torch.float32, seed=N)
+        assert_matches_torch(logits, targets, block_v=128, block_rows=8)
+
+
+def test_extreme_logits():
+    logits, targets = random_case(8, 300, torch.float32, seed=3)
+    logits[0] = 1e4                                  # all equal and huge
+    logits[1, ::2] = -1e4
+    logits[2] = float("-inf")                        # -inf everywhere but the target
+    logits[2, targets[2]] = 0.0
+    logits[3, :200] = float("-inf")                  # the first blocks entirely -inf
+    targets[3] = 250
+    logits[4, targets[4]] = 1e4                      # certain and right
+    logits[5, (targets[5] + 1) % 300] = 1e4          # certain and wrong
+    loss, grad = assert_matches_torch(logits, targets, reduction="none", block_v=64)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert loss[2] == 0 and loss[4] == 0
+
+
+def test_confident_row_in_bf16_keeps_the_target_gradient():
+    # p(target) ~ 0.9999: the target's gradient p - 1 ~ -1e-4 must not round to 0 (the bug
+    # Liger-Kernel fixed by computing it in fp32); 1% of it is far below bf16's own
+    # rounding of the logits' effect here.
+    V = 512
+    logits = torch.zeros(4, V, dtype=torch.bfloat16, device=DEVICE)
+    targets = torch.tensor([0, 5, 100, 511], device=DEVICE)
+    logits[torch.arange(4), targets] = 15.0
+    loss, grad = loss_and_grad(fused, logits, targets, torch.tensor(1.0, device=DEVICE),
+                               reduction="sum", block_v=128)
+    exact = loss_and_grad(F.cross_entropy, logits.double(), targets,
+                          torch.tensor(1.0, dtype=torch.float64, device=DEVICE),
+                          reduction="sum")[1]
+    want = exact[torch.arange(4), targets]
+    got = grad[torch.arange(4), targets].double()
+    assert (want < -1e-4).all() and (want > -2e-4).all()
+    assert ((got - want).abs() <= 0.01 * want.abs()).all()
+
+
+def test_non_contiguous_logits():
+    base, targets = random_case(12, 600, torch.float32, seed=4)
+    strided = base.t().contiguous().t()              # column-major: stride (1, 12)
+    assert not strided.is_contiguous()
+    assert_matches_torch(strided, targets, block_v=128)
+    every_other_row = torch.cat([base, base]).view(2, 12, 600).transpose(0, 1)[:, 0]
+    assert_matches_torch(every_other_row, targets, block_v=128)  # row stride 1200
+
+
+def test_caller_logits_are_never_overwritten():
+    logits, targets = random_case(10, 100, torch.bfloat16)
+    before = logits.clone()
+    x = logits.requires_grad_()
+    fused(x, targets).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_no_grad_and_logits_without_grad():
+    logits, targets = random_case(10, 100, torch.float32)
+    want = F.cross_entropy(logits, targets)
+    with torch.no_grad():
+        assert torch.allclose(fused(logits.clone().requires_grad_(), targets), want,
+                              rtol=1e-6, atol=0)  # fp32, see the module docstring
+    loss = fused(logits, targets)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, want, rtol=1e-6, atol=0)
+    assert loss != 0  # the "loss 0 without grad" bug of other fused losses
+
+
+def test_backward_uses_each_rows_own_grad_output():
+    logits, targets = random_case(6, 40, torch.float32)
+    x = logits.clone().requires_grad_()
+    weights = torch.arange(6, dtype=torch.float32, device=DEVICE)
+    (fused(x, targets, reduction="none") * weights).sum().backward()
+    row_grads = torch.autograd.functional.jacobian(
+        lambda z: F.cross_entropy(z, targets, reduction="none"), logits)  # (N, N, V)
+    want = torch.einsum("n,nnv->nv", weights, row_grads)
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)  # fp32, module docstring
+
+
+def test_a_second_backward_after_scaling_is_refused_not_wrong():
+    logits, targets = random_case(4, 30, torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = fused(x, targets) * 2.0   # grad_output 2: the stored gradient is scaled in place
+    loss.backward(retain_graph=True)
+    reference = logits.clone().requires_grad_()
+    (F.cross_entropy(reference, targets) * 2.0).backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=1e-6)  # fp32, see top
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("targets, message", [
+    ([0, 7], "target 7 is out of range for 7 classes"),
+    ([-5, 1], "target -5 is out of range"),
+])
+def test_out_of_range_targets_are_a_clear_error(targets, message):
+    logits = torch.zeros(2, 7, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        fused(logits, torch.tensor(targets, device=DEVICE))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        fused(torch.zeros(2, 7, dtype=torch.float64, device=DEVICE),
+              torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="power of two"):
+        fused(torch.zeros(2, 7, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE),
+              block_v=6)
+
+
+def test_model_gives_the_same_loss_and_gradients_on_both_backends():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=512, context_length=16, d_model=32, num_heads=2, num_layers=2,
+                dropout=0.0).to(DEVICE)
+    idx = torch.randint(0, 512, (3, 16), device=DEVICE)
+    targets = torch.randint(0, 512, (3, 16), device=DEVICE)
+    results = {}
+    for backend in ("reference", "fused"):
+        model.zero_grad()
+        loss = model.loss(idx, targets, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (ref_loss, ref_grads), (fused_loss, fused_grads) = results["reference"], results["fused"]
+    # fp32 on both paths: the losses differ by summation order only (1e-6 relative), and
+    # the gradients by fp32 rounding of dlogits carried through two layers (1e-5 of each
+    # tensor's largest entry).
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-6, atol=0)
+    for name, want in ref_grads.items():
+        atol = 1e-5 * max(want.abs().max().item(), 1e-12)
+        torch.testing.assert_close(fused_grads[name], want, rtol=0, atol=atol, msg=name)
+
+
+def test_process_default_backend(monkeypatch):
+    logits, targets = random_case(4, 30, torch.float32)
+    monkeypatch.setenv("FASTGPT_BACKEND", "fused")
+    assert ops.get_backend() == "fused"
+    assert ops.cross_entropy(logits, targets).dtype == torch.float32
+    previous = ops.set_backend("reference")
+    try:
+        assert ops.get_backend() == "reference"  # set_backend wins over the environment
+        assert torch.equal(ops.cross_entropy(logits, targets), F.cross_entropy(logits, targets))
+    finally:
+        ops.set_backend(previous)
+    monkeypatch.setenv("FASTGPT_BACKEND", "cuda")
+    with pytest.raises(FastGPTError, match="FASTGPT_BACKEND must be one of"):
+        ops.get_backend()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU without the interpreter")
+def test_fused_on_cpu_without_the_interpreter_says_why(tmp_path):
+    code = ("import torch; from fastgpt import ops\n"
+            "try:\n"
+            "    ops.cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "
+            "backend='fused')\n"
+            "except ops.BackendUnavailable as e: print(e)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert "fused cross_entropy cannot run" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    from fastgpt.ops import triton_ce
+    triton_ce.self_check(torch.device(DEVICE))
+    real_launch = triton_ce.launch
+
+    def off_by_a_little(*args, **kwargs):
+        loss, lse, grad = real_launch(*args, **kwargs)
+        return loss + 1e-3, lse, grad
+
+    monkeypatch.setattr(triton_ce, "launch", off_by_a_little)
+    with pytest.raises(RuntimeError, match="against the reference"):
+        triton_ce.self_check(torch.device(DEVICE))
