@@ -298,3 +298,25 @@ def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(triton_ce, "launch", off_by_a_little)
     with pytest.raises(RuntimeError, match="against the reference"):
         triton_ce.self_check(torch.device(DEVICE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: 2^31 logits "
+                    "(4 GiB in bf16) are too many for the interpreter")
+def test_more_than_2_to_the_31_logits():
+    V = 65536
+    N = (2 ** 31) // V + 3  # the last rows start past element 2^31
+    logits = torch.zeros(N, V, dtype=torch.bfloat16, device="cuda")
+    tail = torch.randn(3, V, generator=torch.Generator().manual_seed(0)).to(logits)
+    logits[-3:] = tail
+    targets = torch.zeros(N, dtype=torch.long, device="cuda")
+    targets[-3:] = torch.tensor([5, V - 1, 1234])
+    x = logits.requires_grad_()
+    loss = fused(x, targets, reduction="none")
+    loss.sum().backward()
+    want_x = tail.double().requires_grad_()
+    want = F.cross_entropy(want_x, targets[-3:], reduction="none")
+    want.sum().backward()
+    # the loss is fp32 from bf16 inputs (1e-5 relative); the gradient is bf16 (2^-8 relative)
+    torch.testing.assert_close(loss[-3:].double(), want.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad[-3:].double(), want_x.grad, rtol=2 ** -8, atol=1e-7)
+    assert torch.all(loss[:-3] == loss[0])  # the all-zero rows: ln V each
