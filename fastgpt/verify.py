@@ -5,13 +5,12 @@ On a CPU the Triton kernel runs through Triton's interpreter (this module switch
 before the kernels are imported); on a GPU everything runs natively. Prints one table row
 per comparison and returns non-zero if any row fails.
 
-Tolerances (the `tol` column, an absolute bound on the max error):
-- fp32: 1e-6 of the largest magnitude compared (both paths accumulate in fp32, in
-  different orders);
-- bf16/fp16: FlashAttention's rule: the fused error against fp64 at most twice the
-  reference's own error in that dtype, plus 1e-6 of the largest magnitude; under Triton's
-  interpreter plus one ulp of that dtype, since the interpreter truncates fp32 to bf16
-  where a GPU rounds to nearest;
+Tolerances (the `tol` column, an absolute bound on the max error), from the functions
+below, which the tests use too:
+- values computed in fp32 (any loss, fp32 gradients): 1e-6 of the largest magnitude
+  compared, against fp64 (both paths accumulate in fp32, in different orders);
+- bf16/fp16 gradients: FlashAttention's rule, the fused error against fp64 at most twice
+  the reference's own error in that dtype, plus the rounding bound of `rounding_bound`;
 - the training step (fp32): loss 1e-6 relative; each parameter's gradient 1e-5 of its
   largest entry (dlogits' fp32 rounding carried back through the layers); parameters after
   3 AdamW steps 1% of the learning rate per step. Adam divides each gradient by its own
@@ -26,6 +25,26 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+
+FP32_RELATIVE = 1e-6
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # spacing, relative to a value
+
+
+def rounding_bound(dtype: torch.dtype, roundings: int, interpreting: bool) -> float:
+    """Relative error of a value rounded `roundings` times to dtype: half an ulp per
+    rounding on a GPU (round to nearest even), a whole ulp for bf16 under Triton's
+    interpreter (which truncates)."""
+    per_rounding = ULP[dtype] * (1.0 if interpreting and dtype == torch.bfloat16 else 0.5)
+    return roundings * per_rounding
+
+
+def low_precision_grad_ok(mine: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                          roundings: int, interpreting: bool) -> torch.Tensor:
+    """Element by element: |mine - want| within the rounding bound of |want|, plus fp32's
+    error (1e-6 of the largest value) and the dtype's subnormal spacing per rounding."""
+    floor = FP32_RELATIVE * want.abs().max() + roundings * torch.finfo(dtype).smallest_normal * ULP[dtype]
+    return (mine - want).abs() <= rounding_bound(dtype, roundings, interpreting) * want.abs() + floor
 
 
 @dataclass
@@ -61,37 +80,42 @@ def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
 
     shapes = ([(8192, 512), (4096, 32768), (512, 131072)] if device.type == "cuda"
               else [(64, 512), (16, 1000), (3, 50257)])
-    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
     rows = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n, v in shapes:
+        for (n, v), (reduction, smoothing, ignore) in zip(
+                shapes, [("mean", 0.0, -100), ("none", 0.1, 3), ("sum", 0.0, -1)]):
             generator = torch.Generator().manual_seed(n + v)
             logits = (torch.randn(n, v, generator=generator) * 3).to(dtype).to(device)
             targets = torch.randint(0, v, (n,), generator=generator).to(device)
-            targets[::7] = -100
+            targets[::7] = ignore
+            grad_output = (torch.ones(()) if reduction == "mean"
+                           else torch.rand(n if reduction == "none" else (),
+                                           generator=generator) + 0.5).to(device)
             results = {}
-            for backend, x in (("reference", logits), ("fused", logits),
-                               ("exact", logits.double())):
+            for path, x in (("reference", logits), ("fused", logits), ("exact", logits.double())):
                 x = x.clone().requires_grad_()
-                loss = ops.cross_entropy(x, targets, backend="reference" if backend == "exact"
-                                         else backend)
-                loss.backward()
-                results[backend] = (loss.detach(), x.grad)
-            for i, name in enumerate(("loss", "grad")):
-                fused, ref, exact = (results[b][i].double() for b in ("fused", "reference",
-                                                                      "exact"))
-                floor = 1e-6 * max(exact.abs().max().item(), 1e-30)
-                if dtype == torch.float32:
-                    tol, want = floor, ref
-                else:
-                    tol, want = 2 * (ref - exact).abs().max().item() + floor, exact
-                    if interpreting and name == "grad":
-                        tol += ulp[dtype] * exact.abs().max().item()
-                rows.append(_row(f"cross_entropy {name}", dtype, (n, v), fused, want, tol))
+                loss = ops.cross_entropy(x, targets, reduction=reduction, ignore_index=ignore,
+                                         label_smoothing=smoothing,
+                                         backend="fused" if path == "fused" else "reference")
+                loss.backward(grad_output.to(loss.dtype))
+                results[path] = (loss.detach().double(), x.grad.double())
+            label = f"{reduction}, ls {smoothing}"
+            fused, ref, exact = results["fused"][0], results["reference"][0], results["exact"][0]
+            rows.append(_row(f"ce loss ({label})", dtype, (n, v), fused, exact,
+                             FP32_RELATIVE * exact.abs().max().item()))
+            fused, ref, exact = results["fused"][1], results["reference"][1], results["exact"][1]
+            scale = exact.abs().max().item()
+            if dtype == torch.float32:
+                tol = FP32_RELATIVE * scale
+            else:  # rounded once, or twice when mean/sum rescale by a grad_output other than 1
+                roundings = 2 if reduction == "sum" else 1
+                tol = (2 * (ref - exact).abs().max().item()
+                       + rounding_bound(dtype, roundings, interpreting) * scale)
+            rows.append(_row(f"ce grad ({label})", dtype, (n, v), fused, exact, tol))
     return rows
 
 
-def _training_step_rows(device: torch.device) -> list[Row]:
+def _training_step_rows(device: torch.device, available: dict) -> list[Row]:
     from fastgpt import ops
     from fastgpt.model import GPT
     from fastgpt.optim import AdamW
@@ -104,8 +128,6 @@ def _training_step_rows(device: torch.device) -> list[Row]:
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 512, batch, generator=generator).to(device)
     targets = torch.randint(0, 512, batch, generator=generator).to(device)
-    available = ops.available()
-
     def pick(op: str, path: str) -> str:  # the fused run uses each kernel that can run here
         return "fused" if path == "fused" and available[op][0] else "reference"
 
@@ -151,21 +173,20 @@ def verify(print_fn=print) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print_fn(f"fastgpt verify on {name}"
              + (" (Triton kernels through the interpreter)" if interpreting else ""))
+    available = ops.available()
+    skipped = [f"{op}: {why}" for op, (ok, why) in available.items() if not ok]
     rows: list[Row] = []
-    skipped = []
-    for op, (ok, why) in ops.available().items():
-        if not ok:
-            skipped.append(f"{op}: {why}")
-    if ops.available()["cross_entropy"][0]:
+    if available["cross_entropy"][0]:
         rows += _cross_entropy_rows(device, interpreting)
-    if any(ok for ok, _ in ops.available().values()):
-        rows += _training_step_rows(device)
+    if any(ok for ok, _ in available.values()):
+        rows += _training_step_rows(device, available)
 
-    header = f"{'op':<24} {'dtype':<9} {'shape':<14} {'max abs err':>11} {'max rel err':>11} {'tol':>9}  result"
+    header = (f"{'op':<28} {'dtype':<9} {'shape':<11} {'max abs err':>11} {'max rel err':>11} "
+              f"{'tol':>9}  result")
     print_fn(header)
     print_fn("-" * len(header))
     for r in rows:
-        print_fn(f"{r.op:<24} {r.dtype:<9} {r.shape:<14} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
+        print_fn(f"{r.op:<28} {r.dtype:<9} {r.shape:<11} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
                  f"{r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
     for line in skipped:
         print_fn(f"not verified here: {line}")

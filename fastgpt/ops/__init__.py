@@ -67,8 +67,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 
 
-@functools.cache
 def _triton_status() -> tuple[bool, str]:
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return _triton_status_on(device)
+
+
+@functools.cache
+def _triton_status_on(device_index: int | None) -> tuple[bool, str]:
+    """Whether the Triton kernel runs (and passes its self-check) on this CUDA device."""
     try:
         import triton
         from fastgpt.ops import triton_ce  # noqa: F401  (defines the kernels)
@@ -77,15 +83,16 @@ def _triton_status() -> tuple[bool, str]:
     if triton_interpreting():
         return True, (f"Triton {triton.__version__} through its interpreter "
                       f"(TRITON_INTERPRET=1): CPU tensors, slowly")
-    if not torch.cuda.is_available():
+    if device_index is None:
         return False, ("needs a CUDA GPU (or TRITON_INTERPRET=1 to run it on the CPU "
                        "through Triton's interpreter)")
+    name = torch.cuda.get_device_name(device_index)
     try:
-        triton_ce.self_check(torch.device("cuda"))
+        triton_ce.self_check(torch.device("cuda", device_index))
     except Exception as exc:
-        return False, (f"Triton {triton.__version__} failed its self-check on "
-                       f"{torch.cuda.get_device_name()} ({type(exc).__name__}: {str(exc)[:300]})")
-    return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return False, (f"Triton {triton.__version__} failed its self-check on {name} "
+                       f"({type(exc).__name__}: {str(exc)[:300]})")
+    return True, f"Triton {triton.__version__} on {name}"
 
 
 def available() -> dict[str, tuple[bool, str]]:
@@ -130,7 +137,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
 
     The fused kernel returns the loss in fp32 whatever the logits' dtype (torch returns the
     logits' dtype); block_v / block_rows override its tile sizes (powers of two; for tests
-    and benchmarks).
+    and benchmarks; the reference ignores them).
     """
     if resolve_backend("cross_entropy", backend, logits.device) == "reference":
         return reference.cross_entropy(logits, targets, ignore_index=ignore_index,

@@ -1,26 +1,42 @@
-"""Fused softmax-cross-entropy in Triton: one kernel reads each logit row, computes the
-row's loss with an online softmax (running max and sum over vocab blocks, arXiv 1805.02867)
-and, when a gradient is needed, writes d(loss)/d(logits) in the same launch. The backward
-pass then only scales that stored gradient by grad_output.
+"""Fused softmax-cross-entropy in Triton.
+
+One kernel computes each row's loss with an online softmax (running max m and sum d of
+exp(x - m) over vocab blocks, arXiv 1805.02867) and, when a gradient is needed, writes
+d(loss)/d(logits) in the same launch:
+- reduction "mean"/"sum": the gradient is written in the forward pass; the backward only
+  scales it by grad_output (a no-op when grad_output is 1, as for loss.backward()), with no
+  host sync.
+- reduction "none": the forward saves m and log d; the backward's launch writes the
+  gradient already scaled by each row's own grad_output (one rounding in bf16/fp16, and no
+  N x V buffer held between the passes).
+When a row fits in one block (V <= 4096, the chapter's 512 included) the logits are read
+from memory once; longer rows are read twice (the max and sum, then the gradient).
 
 Semantics follow torch.nn.functional.cross_entropy (ignore_index, label_smoothing, the
 three reductions); accumulation is fp32 for fp32, bf16 and fp16 logits, and the loss is
-returned in fp32. Several rows share a program when V is small (the chapter's V = 512 is
-2 KB a row in fp32), one row per program streams large vocabularies.
+returned in fp32. The loss and the gradient are formed as (m - x) + log d and
+exp((x - m) - log d), never through lse = m + log d, which would cost an ulp of lse (1e-3
+absolute at logits of 1e4). Several rows share a program when V is small; large
+vocabularies stream one row per program.
 
-On a CPU the kernel runs through Triton's interpreter when TRITON_INTERPRET=1 is set
-before this module is imported: every load is cast to fp32 first (the interpreter's bf16
+On a CPU the kernel runs through Triton's interpreter when TRITON_INTERPRET=1 is set before
+this module is imported: every load is cast to fp32 first (the interpreter's bf16
 arithmetic is not to be trusted) and only core tl math is used (no libdevice).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-MAX_BLOCK_V = 4096   # vocab columns per loop iteration (a power of two)
-TILE_ELEMENTS = 4096  # block_rows * block_v when V is small: several rows per program
+MAX_BLOCK_V = 4096     # vocab columns per loop iteration (a power of two)
+TILE_ELEMENTS = 4096   # block_rows * block_v for small V: several rows per program
+MAX_BLOCK_ROWS = 32    # keeps enough programs to fill the GPU when V is tiny
+SCALE_BLOCK = 4096
 
 
 @triton.jit
@@ -28,16 +44,18 @@ def _cross_entropy_kernel(
     logits_ptr, logits_row_stride,
     targets_ptr,
     grad_ptr, grad_row_stride,
-    loss_ptr, lse_ptr,
+    loss_ptr,
+    stats_ptr,       # fp32 (2, n_rows): the rows' max m, then log d
     grad_scale_ptr,  # fp32: one scale for all rows, or one per row (SCALE_PER_ROW)
     n_rows, n_cols,
     ignore_index, label_smoothing,
     HAS_SMOOTHING: tl.constexpr,
-    LSE_GIVEN: tl.constexpr,      # backward of reduction="none": lse saved by the forward
+    STATS_GIVEN: tl.constexpr,    # the backward of reduction="none": m, log d saved
     COMPUTE_GRAD: tl.constexpr,
     SCALE_PER_ROW: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,   # n_cols <= BLOCK_V: keep the tile for the gradient
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_in = rows < n_rows
@@ -46,118 +64,157 @@ def _cross_entropy_kernel(
     valid = row_in & (targets != ignore_index)
     targets = tl.where(valid, targets, 0)
     row_logits = logits_ptr + rows * logits_row_stride  # (BLOCK_ROWS,) pointers
+    cols = tl.arange(0, BLOCK_V)
 
-    if LSE_GIVEN:
-        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    if STATS_GIVEN:
+        m = tl.load(stats_ptr + rows, mask=row_in, other=0.0)
+        log_d = tl.load(stats_ptr + n_rows + rows, mask=row_in, other=0.0)
     else:
-        # Pass 1: running max m and running sum d of exp(x - m) over the vocab blocks.
+        # Pass 1: the rows' max m, sum d of exp(x - m) and (for label smoothing) sum of x.
         m = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         d = tl.zeros([BLOCK_ROWS], tl.float32)
-        x_sum = tl.zeros([BLOCK_ROWS], tl.float32)  # sum of logits, for label smoothing
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+        x_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+        if SINGLE_BLOCK:  # the whole row in one tile, kept in registers for pass 2
             in_bounds = row_in[:, None] & (cols[None, :] < n_cols)
             x = tl.load(row_logits[:, None] + cols[None, :], mask=in_bounds,
                         other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            # While a row has seen only -inf, shift by 0, not -inf: exp(-inf - -inf) is nan.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-            m = m_new
+            m = tl.max(x, axis=1)
+            # A row of only -inf shifts by 0, not -inf: exp(-inf - -inf) would be nan.
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            d = tl.sum(tl.exp(x - shift[:, None]), axis=1)
             if HAS_SMOOTHING:
-                x_sum += tl.sum(tl.where(in_bounds, x, 0.0), axis=1)
-        # rows past the end (d = 0, m = -inf) get lse 0: finite, never stored
-        lse = tl.where(row_in, m + tl.log(tl.where(row_in, d, 1.0)), 0.0)
+                x_sum = tl.sum(tl.where(in_bounds, x, 0.0), axis=1)
+        else:  # online softmax: rescale the running sum whenever the max grows
+            for start in range(0, n_cols, BLOCK_V):
+                in_bounds = row_in[:, None] & (start + cols[None, :] < n_cols)
+                x = tl.load(row_logits[:, None] + start + cols[None, :], mask=in_bounds,
+                            other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+                m = m_new
+                if HAS_SMOOTHING:
+                    x_sum += tl.sum(tl.where(in_bounds, x, 0.0), axis=1)
+        # rows past the end (d = 0, m = -inf) get finite stats; they are never stored
+        m = tl.where(row_in, m, 0.0)
+        log_d = tl.log(tl.where(row_in, d, 1.0))
 
         x_target = tl.load(row_logits + targets, mask=valid, other=0.0).to(tl.float32)
-        loss = lse - x_target
+        loss = (m - x_target) + log_d
         if HAS_SMOOTHING:
-            # torch: (1 - e) * nll + e * mean over classes of -log p, where -log p_j = lse - x_j
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x_sum / n_cols)
+            # torch: (1 - e) * nll + e * mean over classes of -log p, -log p_j = m - x_j + log d
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (
+                (m - x_sum / n_cols) + log_d)
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)
-        tl.store(lse_ptr + rows, lse, mask=row_in)
+        tl.store(stats_ptr + rows, m, mask=row_in)
+        tl.store(stats_ptr + n_rows + rows, log_d, mask=row_in)
 
     # Pass 2: d loss / d x_j = (softmax_j - (1 - e) * [j == target] - e / V) * scale.
     if COMPUTE_GRAD:
         if SCALE_PER_ROW:
             scale = tl.load(grad_scale_ptr + rows, mask=row_in, other=0.0)
         else:
-            scale = tl.load(grad_scale_ptr) + tl.zeros([BLOCK_ROWS], tl.float32)
+            scale = tl.load(grad_scale_ptr + tl.zeros([BLOCK_ROWS], tl.int32))
         scale = tl.where(valid, scale, 0.0)
         row_grad = grad_ptr + rows * grad_row_stride
         for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            in_bounds = row_in[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(row_logits[:, None] + cols[None, :], mask=in_bounds,
-                        other=float("-inf")).to(tl.float32)
-            g = tl.exp(x - lse[:, None])
+            in_bounds = row_in[:, None] & (start + cols[None, :] < n_cols)
+            if not SINGLE_BLOCK or STATS_GIVEN:  # else x is still pass 1's tile
+                x = tl.load(row_logits[:, None] + start + cols[None, :], mask=in_bounds,
+                            other=float("-inf")).to(tl.float32)
+            g = tl.exp((x - m[:, None]) - log_d[:, None])
             if HAS_SMOOTHING:
                 g -= label_smoothing / n_cols
-            g = tl.where(cols[None, :] == targets[:, None], g - (1.0 - label_smoothing), g)
-            g = g * scale[:, None]
-            tl.store(row_grad[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                     mask=in_bounds)
+            is_target = start + cols[None, :] == targets[:, None]
+            g = tl.where(is_target, g - (1.0 - label_smoothing), g) * scale[:, None]
+            tl.store(row_grad[:, None] + start + cols[None, :],
+                     g.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def _scale_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """grad *= scale, read from device memory; a scale of exactly 1 moves no data."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + tl.zeros([BLOCK], tl.int32))  # the one scale, in every lane
+    todo = (offsets < n) & (scale != 1.0)
+    g = tl.load(grad_ptr + offsets, mask=todo).to(tl.float32)
+    tl.store(grad_ptr + offsets, (g * scale).to(grad_ptr.dtype.element_ty), mask=todo)
 
 
 def block_sizes(n_cols: int, block_v: int | None = None,
                 block_rows: int | None = None) -> tuple[int, int]:
-    """(block_rows, block_v): the whole row in one block up to MAX_BLOCK_V columns, and
-    as many rows per program as fill TILE_ELEMENTS. Tests force small blocks so that the
-    vocab loop runs several times."""
+    """(block_rows, block_v): the whole row in one block up to MAX_BLOCK_V columns, and as
+    many rows per program as fill TILE_ELEMENTS, at most MAX_BLOCK_ROWS. Tests force small
+    blocks so that the vocab loop runs several times."""
     if block_v is None:
         block_v = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
     if block_rows is None:
-        block_rows = max(1, TILE_ELEMENTS // block_v)
+        block_rows = min(MAX_BLOCK_ROWS, max(1, TILE_ELEMENTS // block_v))
     for name, value in (("block_v", block_v), ("block_rows", block_rows)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
     return block_rows, block_v
 
 
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
            label_smoothing: float, grad_scale: torch.Tensor | None,
-           lse: torch.Tensor | None = None, block_v: int | None = None,
+           stats: torch.Tensor | None = None, block_v: int | None = None,
            block_rows: int | None = None
            ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Run the kernel on logits (N, V) float32/bf16/fp16 with unit column stride and
     targets (N,) int64.
 
     grad_scale: None (no gradient), a fp32 scalar tensor, or a fp32 (N,) tensor of per-row
-    scales. lse: None to compute the loss (and lse), or the (N,) fp32 lse of an earlier
-    launch to compute only the gradient. Returns (loss (N,) fp32 or None, lse (N,) fp32,
+    scales. stats: None to compute the loss, or the (2, N) fp32 (m, log d) of an earlier
+    launch to compute only the gradient. Returns (loss (N,) fp32 or None, stats (2, N) fp32,
     grad (N, V) in logits' dtype or None).
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    lse_given = lse is not None
-    loss = None if lse_given else torch.empty(n_rows, dtype=torch.float32, device=device)
-    if lse is None:
-        lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    stats_given = stats is not None
+    loss = None if stats_given else torch.empty(n_rows, dtype=torch.float32, device=device)
+    if stats is None:
+        stats = torch.empty(2, n_rows, dtype=torch.float32, device=device)
     grad = None if grad_scale is None else torch.empty(n_rows, n_cols, dtype=logits.dtype,
                                                        device=device)
     rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows)
-    grid = (triton.cdiv(n_rows, rows_per_program),)
-    _cross_entropy_kernel[grid](
-        logits, logits.stride(0), targets,
-        grad if grad is not None else lse, n_cols,   # grad_ptr unused without a gradient
-        loss if loss is not None else lse, lse,      # loss_ptr unused when lse is given
-        grad_scale if grad_scale is not None else lse,
-        n_rows, n_cols, ignore_index, float(label_smoothing),
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        LSE_GIVEN=lse_given,
-        COMPUTE_GRAD=grad is not None,
-        SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() == 1,
-        BLOCK_ROWS=rows_per_program,
-        BLOCK_V=block_v,
-        num_warps=4 if rows_per_program * block_v <= 4096 else 8,
-    )
-    return loss, lse, grad
+    with _on_device(logits):
+        _cross_entropy_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+            logits, logits.stride(0), targets,
+            grad if grad is not None else stats, n_cols,  # grad_ptr unused without a gradient
+            loss if loss is not None else stats, stats,  # loss_ptr unused when stats given
+            grad_scale if grad_scale is not None else stats,
+            n_rows, n_cols, ignore_index, float(label_smoothing),
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            STATS_GIVEN=stats_given,
+            COMPUTE_GRAD=grad is not None,
+            SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() == 1,
+            BLOCK_ROWS=rows_per_program,
+            BLOCK_V=block_v,
+            SINGLE_BLOCK=n_cols <= block_v,
+            num_warps=8 if block_v >= 4096 else 4,
+        )
+    return loss, stats, grad
+
+
+def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad (contiguous) *= scale (a one-element tensor on grad's device), in place,
+    without a host sync: the kernel itself skips the work when scale is exactly 1."""
+    scale = scale.to(torch.float32).reshape(1)
+    with _on_device(grad):
+        _scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
+            grad, scale, grad.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+    torch.autograd.graph.increment_version(grad)  # Triton wrote it behind autograd's back
+    return grad
 
 
 class FusedCrossEntropy(torch.autograd.Function):
-    """mean/sum: the gradient is written in the forward's launch, backward scales it.
-    none: the forward saves the lse; the backward's launch writes the gradient already
-    scaled by each row's grad_output (one rounding in bf16/fp16, no second pass)."""
+    """See the module docstring for which pass writes the gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, compute_grad,
@@ -168,12 +225,12 @@ class FusedCrossEntropy(torch.autograd.Function):
             grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
         elif compute_grad and reduction == "sum":
             grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-        loss, lse, grad = launch(logits, targets, ignore_index, label_smoothing, grad_scale,
-                                 block_v=block_v, block_rows=block_rows)
+        loss, stats, grad = launch(logits, targets, ignore_index, label_smoothing, grad_scale,
+                                   block_v=block_v, block_rows=block_rows)
         ctx.reduction = reduction
         ctx.kernel_args = (ignore_index, label_smoothing, block_v, block_rows)
         if compute_grad and reduction == "none":
-            ctx.save_for_backward(logits, targets, lse)
+            ctx.save_for_backward(logits, targets, stats)
         elif compute_grad:
             ctx.save_for_backward(grad)
         if reduction == "none":
@@ -183,42 +240,58 @@ class FusedCrossEntropy(torch.autograd.Function):
         return loss.sum() / n_valid  # all rows ignored: 0 / 0 = nan, as torch gives
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
-            logits, targets, lse = ctx.saved_tensors
+            logits, targets, stats = ctx.saved_tensors
             ignore_index, label_smoothing, block_v, block_rows = ctx.kernel_args
             _, _, grad = launch(logits, targets, ignore_index, label_smoothing,
-                                grad_output.to(torch.float32).contiguous(), lse=lse,
+                                grad_output.to(torch.float32).contiguous(), stats=stats,
                                 block_v=block_v, block_rows=block_rows)
             return grad, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        # Scaled in place (no second N x V buffer): a second backward through this graph is
-        # then refused by autograd's version check rather than given a wrong gradient.
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):  # loss.backward(): 1
-            grad.mul_(grad_output)
-        return grad, None, None, None, None, None, None, None
+        # Scaled in place (no second N x V buffer): a second backward through this graph
+        # is then refused by autograd's version check rather than given a wrong gradient.
+        # In bf16/fp16 a grad_output other than 1 rounds the gradient a second time.
+        return scale_(grad, grad_output), None, None, None, None, None, None, None
 
 
 def self_check(device: torch.device) -> None:
-    """Compile and run the kernel once on `device` against the reference, so that "auto"
-    never routes training through a kernel that does not build or run right here.
-    Raises RuntimeError with what went wrong."""
+    """Compile and run the kernel's variants once on `device` against the reference (fp32
+    and bf16, one block and a vocab loop, mean / sum / none, label smoothing), so that
+    "auto" never routes training through a kernel that does not build or run right here.
+    Raises RuntimeError saying which variant went wrong."""
     from fastgpt.ops.reference import cross_entropy as reference_cross_entropy
 
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 37, generator=generator).to(device)
-    targets = torch.tensor([0, 36, 5, -100, 17], device=device)
-    got = []
-    for fn in (reference_cross_entropy, None):
-        x = logits.clone().requires_grad_()
-        if fn is None:
-            loss = FusedCrossEntropy.apply(x, targets, -100, "mean", 0.0, True, 16, None)
-        else:
-            loss = fn(x, targets)
-        loss.backward()
-        got.append((loss.detach(), x.grad))
-    (ref_loss, ref_grad), (loss, grad) = got
-    # fp32 both ways; 1e-5 leaves room for summation order, catches any real fault
-    if not (torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
-            and torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)):
-        raise RuntimeError(f"loss {loss.item()} against the reference's {ref_loss.item()}")
+    cases = [(torch.float32, 37, "mean", 0.0), (torch.bfloat16, 512, "mean", 0.0),
+             (torch.float32, 5000, "sum", 0.1), (torch.bfloat16, 5000, "none", 0.0)]
+    with torch.enable_grad(), torch.inference_mode(False), torch.autocast(
+            device.type, enabled=False):
+        for dtype, vocab, reduction, smoothing in cases:
+            logits = torch.randn(6, vocab, generator=generator).to(device=device, dtype=dtype)
+            targets = torch.tensor([0, vocab - 1, 5, -100, 17, 3], device=device)
+            grad_output = torch.rand((6,) if reduction == "none" else (), generator=generator,
+                                     dtype=torch.float64).to(device) + 0.5
+            results = []
+            for fused in (False, True):
+                x = logits.clone().requires_grad_()
+                if fused:
+                    loss = FusedCrossEntropy.apply(x, targets, -100, reduction, smoothing, True,
+                                                   None, None)
+                else:
+                    loss = reference_cross_entropy(x.double(), targets, reduction=reduction,
+                                                   label_smoothing=smoothing)
+                loss.backward(grad_output.to(loss.dtype))
+                results.append((loss.double(), x.grad.double()))
+            (want_loss, want_grad), (loss, grad) = results
+            # 1e-5 (fp32) / 2^-6 (bf16, two roundings of the gradient) of the largest value
+            # leave room for rounding and catch any real fault
+            tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+            loss_err = (loss - want_loss).abs().max().item()
+            grad_err = (grad - want_grad).abs().max().item()
+            if not (loss_err <= 1e-5 * want_loss.abs().max().item()
+                    and grad_err <= tol * want_grad.abs().max().item()):
+                raise RuntimeError(
+                    f"{dtype} V={vocab} {reduction}: loss error {loss_err:.3g}, gradient error "
+                    f"{grad_err:.3g} against the reference")
