@@ -504,3 +504,17 @@ def test_resolve_backend():
     assert ops.resolve_backend("adamw", "auto") in ("reference", "fused")
     with pytest.raises(ValueError):
         ops.resolve_backend("adamw", "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_are_computed_in_fp32(dtype):
+    # A bf16 sum of 1000 losses of ~8 would be off by several units; computed in fp32 (as
+    # autocast does, and as the fused kernel does) it is exact to fp32 rounding (1e-6).
+    logits, targets = make_ce_inputs(1000, 512, dtype)
+    logits.requires_grad_()
+    loss = reference.cross_entropy(logits, targets, reduction="sum")
+    assert loss.dtype == torch.float32
+    want = F.cross_entropy(logits.detach().double(), targets, reduction="sum")
+    assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
+    loss.backward()
+    assert logits.grad.dtype == dtype

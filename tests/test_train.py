@@ -38,7 +38,7 @@ def test_training_learns_and_writes_its_outputs(tmp_path, corpus_file):
         assert (run_dir / name).is_file(), name
     evals = records(run_dir, "eval")
     assert [e[0] for e in evals] == [0, 20, 40]  # the eval at step 0 comes before any update
-    assert abs(evals[0][2] - math.log(512)) < 0.05
+    assert abs(evals[0][2] - math.log(512)) < 0.05  # the untrained model's bound (test_model)
     assert evals[-1][2] < evals[0][2] - 1.0  # 40 steps on real text: clearly learning
     assert summary["step"] == 40 and summary["stopped"] == "max_steps"
     assert summary["val_loss"] == evals[-1][2]
@@ -134,7 +134,8 @@ def test_optional_features_train_with_finite_losses(tmp_path, corpus_file):
                          grad_clip=1.0, weight_decay_all=True)
     summary = train(config)
     assert summary["step"] == 4
-    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < 6.5
+    # 4 updates (8 micro-batches) at lr 3e-3 already beat the uniform guess
+    assert summary["val_loss"] < math.log(512) - 0.1
     lrs = [r["lr"] for r in read_metrics(tmp_path / "runs" / "tiny" / "metrics.jsonl")
            if r["kind"] == "train"]
     assert lrs == [lr_at(s, config) for s in range(4)]

@@ -33,9 +33,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     and are left out of the mean (all rows ignored gives nan, as torch does). Label
     smoothing mixes in the mean of -log p over the V classes: (1 - e) * nll + e * smooth.
     reduction: "mean" -> scalar, "sum" -> scalar, "none" -> (N,).
+    bf16/fp16 logits are computed in fp32 (as torch's autocast does for cross_entropy) and
+    the loss is returned in fp32, like the fused kernel's; fp64 stays fp64.
     """
     check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing)
     valid = targets != ignore_index
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # a sum of bf16 losses would lose all precision
     log_probs = torch.log_softmax(logits, dim=-1)                   # (N, V)
     safe_targets = torch.where(valid, targets, 0)
     loss = -log_probs.gather(1, safe_targets[:, None]).squeeze(1)   # (N,)
