@@ -1,4 +1,5 @@
-"""AdamW with torch.optim.AdamW's maths and state layout, written out.
+"""AdamW with torch.optim.AdamW's maths and state layout, written out; the fused CUDA step
+(csrc/adamw.cu) runs the same update for CUDA parameters when it is available.
 
 Per parameter p with gradient g, at step t (counting from 1):
     p <- p * (1 - lr * weight_decay)                 decoupled weight decay
@@ -6,8 +7,14 @@ Per parameter p with gradient g, at step t (counting from 1):
     v <- beta2 * v + (1 - beta2) * g^2               second moment (state "exp_avg_sq")
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-State per parameter: "step" (a float32 CPU scalar tensor), "exp_avg", "exp_avg_sq", so a
-state_dict moves between this optimizer and torch.optim.AdamW, and between devices.
+State per parameter: "step" (a float32 CPU scalar tensor, never on the GPU, so a state_dict
+loads anywhere), "exp_avg", "exp_avg_sq" (float32, also for bf16/fp16 parameters), so a
+state_dict moves between this optimizer and torch.optim.AdamW, between backends and
+between devices.
+
+max_grad_norm clips by the global gradient norm inside the step, as
+torch.nn.utils.clip_grad_norm_ followed by the step would (one reduction; the scale is
+applied inside the update and stays on the device; the .grad tensors are left as they are).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from fastgpt.ops import resolve_backend
 
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 0.01, *,
+                 max_grad_norm: float | None = None, backend: str | None = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not eps >= 0.0:
@@ -30,7 +38,11 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.backend = resolve_backend("adamw", backend)
+        if max_grad_norm is not None and not max_grad_norm > 0.0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None), got {max_grad_norm}")
+        resolve_backend("adamw", backend)  # an unknown name, or "fused" with no kernel: now
+        self.backend = backend
+        self.max_grad_norm = max_grad_norm
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
@@ -40,28 +52,77 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = self._clip_scale() if self.max_grad_norm is not None else None
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            eps, weight_decay = group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                step = state["step"].item()
-
-                p.mul_(1.0 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                bias_correction1 = 1.0 - beta1 ** step
-                bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+                self._init_state(p)
+                self.state[p]["step"] += 1
+            # one fused call per (device, step count): usually a single one per group
+            batches: dict[tuple, list[torch.Tensor]] = {}
+            for p in params:
+                batches.setdefault((p.device, self.state[p]["step"].item()), []).append(p)
+            for (device, step), batch in batches.items():
+                scale = None if grad_scale is None else grad_scale.to(device)
+                if resolve_backend("adamw", self.backend, device) == "fused":
+                    self._fused_step(batch, group, int(step), scale)
+                else:
+                    self._reference_step(batch, group, step, scale)
         return loss
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                   memory_format=torch.contiguous_format)
+        for key in ("exp_avg", "exp_avg_sq"):  # e.g. a torch.optim.AdamW state for bf16 params
+            if state[key].dtype != torch.float32:
+                state[key] = state[key].float()
+
+    def _clip_scale(self) -> torch.Tensor:
+        """min(1, max_grad_norm / (global grad norm + 1e-6)) as a float32 tensor, computed
+        like torch.nn.utils.clip_grad_norm_ and left on the device."""
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return torch.ones(())
+        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
+        device = grads[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(torch.float32)
+
+    def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
+                        grad_scale: torch.Tensor | None) -> None:
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        bias_correction1 = 1.0 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        for p in params:
+            state = self.state[p]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            grad = p.grad if grad_scale is None else p.grad * grad_scale
+            if p.dtype == torch.float32:
+                param = p
+            else:  # bf16/fp16 parameters: fp32 maths, rounded once on the way back
+                param, grad = p.float(), grad.float()
+            param.mul_(1.0 - lr * weight_decay)
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            if param is not p:
+                p.copy_(param)
+
+    def _fused_step(self, params: list[torch.Tensor], group: dict, step: int,
+                    grad_scale: torch.Tensor | None) -> None:
+        beta1, beta2 = group["betas"]
+        torch.ops.fastgpt.adamw_step(
+            params, [p.grad.contiguous() for p in params],
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step, grad_scale)

@@ -95,14 +95,36 @@ def _triton_status_on(device_index: int | None) -> tuple[bool, str]:
     return True, f"Triton {triton.__version__} on {name}"
 
 
+def _extension_status() -> tuple[bool, str]:
+    from fastgpt.ops import extension
+
+    ok, why = extension.load_extension()
+    if not ok and extension.registered():
+        return True, f"{why}; fastgpt._C's CPU loop runs its arithmetic on CPU tensors"
+    return ok, why
+
+
 def available() -> dict[str, tuple[bool, str]]:
     """For each op: (whether its fused kernel can run here, what it runs on or why not)."""
     triton_ok, triton_why = _triton_status()
+    extension_ok, extension_why = _extension_status()
     return {
         "cross_entropy": (triton_ok, f"{KERNELS['cross_entropy']}: {triton_why}"),
-        "adamw": (False, f"{KERNELS['adamw']}: not implemented yet"),
+        "adamw": (extension_ok, f"{KERNELS['adamw']}: {extension_why}"),
         "causal_attention": (False, f"{KERNELS['causal_attention']}: not implemented yet"),
     }
+
+
+def _fused_runs_on(op: str, device: torch.device) -> bool:
+    """Beyond CUDA tensors: the Triton kernel under the interpreter, AdamW's CPU build."""
+    if device.type == "cuda":
+        return True
+    if op == "cross_entropy":
+        return triton_interpreting()
+    if op == "adamw":
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastgpt::adamw_step", "CPU") \
+            if hasattr(torch.ops.fastgpt, "adamw_step") else False
+    return False
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
@@ -116,7 +138,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device | None = 
         return "fused" if ok and on_cuda else "reference"
     if not ok:
         raise BackendUnavailable(f"fused {op} cannot run: {why}")
-    if device is not None and not on_cuda and not triton_interpreting():
+    if device is not None and not _fused_runs_on(op, device):
         raise BackendUnavailable(f"fused {op} needs CUDA tensors, got {device} ones")
     return "fused"
 

@@ -1,0 +1,134 @@
+// The fused AdamW step on the GPU: every parameter of a list in as few launches as the
+// kernel-argument limit allows (multi-tensor apply, as torch's MultiTensorApply.cuh: each
+// block updates one 64K-element chunk of one tensor; the tensors' addresses and the
+// block -> (tensor, chunk) map travel in the kernel arguments, under 4 KB).
+// fp32 maths (adamw_math.h); bf16/fp16 params with fp32 optimizer state; the gradient
+// clipping scale is read on the device, so the step needs no host sync.
+#include "adamw.h"
+#include "adamw_math.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace fastgpt {
+namespace {
+
+constexpr int kMaxTensors = 36;   // 4 lists x 36 pointers + sizes + block map < 4 KB
+constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunk = 65536;
+constexpr int kThreads = 512;
+
+template <typename T>
+struct AdamWLaunch {
+  T* params[kMaxTensors];
+  const T* grads[kMaxTensors];
+  float* exp_avgs[kMaxTensors];
+  float* exp_avg_sqs[kMaxTensors];
+  int64_t sizes[kMaxTensors];
+  unsigned char block_tensor[kMaxBlocks];
+  int block_chunk[kMaxBlocks];
+};
+static_assert(sizeof(AdamWLaunch<float>) + sizeof(AdamWScalars) + sizeof(void*) <= 4096,
+              "kernel arguments must fit in 4 KB");
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    adamw_kernel(const AdamWLaunch<T> args, const AdamWScalars scalars,
+                 const float* __restrict__ grad_scale) {
+  const int t = args.block_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(args.sizes[t], start + kChunk);
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  T* __restrict__ p = args.params[t];
+  const T* __restrict__ g = args.grads[t];
+  float* __restrict__ m = args.exp_avgs[t];
+  float* __restrict__ v = args.exp_avg_sqs[t];
+  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+    float p_i = static_cast<float>(p[i]);
+    float m_i = m[i];
+    float v_i = v[i];
+    adamw_update(p_i, static_cast<float>(g[i]) * scale, m_i, v_i, scalars);
+    p[i] = static_cast<T>(p_i);
+    m[i] = m_i;
+    v[i] = v_i;
+  }
+}
+
+// Fills launches tensor by tensor, chunk by chunk, and launches whenever the blocks or the
+// tensor slots run out; a tensor cut between two launches continues in slot 0 of the next.
+template <typename T>
+void launch_all(const std::vector<int64_t>& indices, at::TensorList params, at::TensorList grads,
+                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                const AdamWScalars& scalars, const float* grad_scale, cudaStream_t stream) {
+  AdamWLaunch<T> args;
+  int slot = 0, blocks = 0;
+  for (const int64_t t : indices) {
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    args.params[slot] = params[t].data_ptr<T>();
+    args.grads[slot] = grads[t].data_ptr<T>();
+    args.exp_avgs[slot] = exp_avgs[t].data_ptr<float>();
+    args.exp_avg_sqs[slot] = exp_avg_sqs[t].data_ptr<float>();
+    args.sizes[slot] = n;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      args.block_tensor[blocks] = static_cast<unsigned char>(slot);
+      args.block_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks == kMaxBlocks || (last_chunk && slot + 1 == kMaxTensors)) {
+        adamw_kernel<T><<<blocks, kThreads, 0, stream>>>(args, scalars, grad_scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        blocks = 0;
+        if (last_chunk) {
+          slot = -1;  // this tensor is done: the next one takes slot 0
+        } else {      // the rest of this tensor moves to slot 0
+          args.params[0] = args.params[slot];
+          args.grads[0] = args.grads[slot];
+          args.exp_avgs[0] = args.exp_avgs[slot];
+          args.exp_avg_sqs[0] = args.exp_avg_sqs[slot];
+          args.sizes[0] = args.sizes[slot];
+          slot = 0;
+        }
+      }
+    }
+    ++slot;
+  }
+  if (blocks > 0) {
+    adamw_kernel<T><<<blocks, kThreads, 0, stream>>>(args, scalars, grad_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, int64_t step,
+                     const std::optional<at::Tensor>& grad_scale) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const AdamWScalars scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
+  const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  // one group of launches per parameter dtype
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    std::vector<int64_t> indices;
+    for (size_t t = 0; t < params.size(); ++t) {
+      if (params[t].scalar_type() == dtype) indices.push_back(static_cast<int64_t>(t));
+    }
+    if (indices.empty()) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adamw_step_cuda", [&] {
+      launch_all<scalar_t>(indices, params, grads, exp_avgs, exp_avg_sqs, scalars, scale,
+                           stream);
+    });
+  }
+}
+
+}  // namespace fastgpt
+
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) { m.impl("adamw_step", &fastgpt::adamw_step_cuda); }

@@ -1,0 +1,64 @@
+// Op registration for the extension fastgpt._C: the schemas, the shared input checks and
+// the CPU implementations. CUDA implementations register themselves in their .cu files.
+#include "adamw.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+namespace fastgpt {
+
+void check_adamw_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, const std::optional<at::Tensor>& grad_scale,
+                        c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "adamw_step: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
+              "got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
+  const c10::Device device = n ? params[0].device() : c10::Device(device_type);
+  TORCH_CHECK(device.type() == device_type, "adamw_step: expected ", device_type,
+              " tensors, got ", device);
+  for (size_t t = 0; t < n; ++t) {
+    const at::Tensor* tensors[] = {&params[t], &grads[t], &exp_avgs[t], &exp_avg_sqs[t]};
+    const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK(tensors[k]->device() == device, "adamw_step: ", names[k], " ", t, " is on ",
+                  tensors[k]->device(), ", the params on ", device);
+      TORCH_CHECK(tensors[k]->is_contiguous(), "adamw_step: ", names[k], " ", t,
+                  " must be contiguous");
+      TORCH_CHECK(tensors[k]->numel() == params[t].numel(), "adamw_step: ", names[k], " ", t,
+                  " has ", tensors[k]->numel(), " elements, its param ", params[t].numel());
+    }
+    const auto dtype = params[t].scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "adamw_step: param ", t, " must be float32, bfloat16 or float16, got ", dtype);
+    TORCH_CHECK(grads[t].scalar_type() == dtype, "adamw_step: grad ", t, " is ",
+                grads[t].scalar_type(), ", its param ", dtype);
+    TORCH_CHECK(exp_avgs[t].scalar_type() == at::kFloat &&
+                    exp_avg_sqs[t].scalar_type() == at::kFloat,
+                "adamw_step: exp_avg and exp_avg_sq ", t, " must be float32");
+  }
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat &&
+                    grad_scale->device() == device,
+                "adamw_step: grad_scale must be a one-element float32 tensor on ", device);
+  }
+}
+
+}  // namespace fastgpt
+
+TORCH_LIBRARY(fastgpt, m) {
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, Tensor? grad_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }
+
+// `import fastgpt._C` loads the library (and so registers the ops); the module is empty.
+#define FASTGPT_CONCAT_(a, b) a##b
+#define FASTGPT_CONCAT(a, b) FASTGPT_CONCAT_(a, b)
+PyMODINIT_FUNC FASTGPT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
