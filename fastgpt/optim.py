@@ -105,11 +105,11 @@ class AdamW(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            grad = p.grad if grad_scale is None else p.grad * grad_scale
-            if p.dtype == torch.float32:
-                param = p
-            else:  # bf16/fp16 parameters: fp32 maths, rounded once on the way back
-                param, grad = p.float(), grad.float()
+            # bf16/fp16 parameters: fp32 maths, the result rounded once on the way back
+            param = p if p.dtype == torch.float32 else p.float()
+            grad = p.grad if p.dtype == torch.float32 else p.grad.float()
+            if grad_scale is not None:
+                grad = grad * grad_scale
             param.mul_(1.0 - lr * weight_decay)
             exp_avg.lerp_(grad, 1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
