@@ -31,13 +31,27 @@ struct AdamWLaunch {
   unsigned char block_tensor[kMaxBlocks];
   int block_chunk[kMaxBlocks];
 };
-static_assert(sizeof(AdamWLaunch<float>) + sizeof(AdamWScalars) + sizeof(void*) <= 4096,
-              "kernel arguments must fit in 4 KB");
+
+// The per-step constants come from the host, or (a capturable step) are computed by each
+// block from lr and step read in GPU memory.
+struct StepConstants {
+  AdamWScalars host;
+  const float* lr;    // nullptr: host.* hold the values
+  const float* step;  // nullptr: host.* hold the values
+  float lr_value, beta1, beta2, eps, weight_decay, step_value;
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    adamw_kernel(const AdamWLaunch<T> args, const AdamWScalars scalars,
+    adamw_kernel(const AdamWLaunch<T> args, const StepConstants constants,
                  const float* __restrict__ grad_scale) {
+  AdamWScalars scalars = constants.host;
+  if (constants.lr != nullptr || constants.step != nullptr) {
+    scalars = adamw_scalars<float>(
+        constants.lr != nullptr ? *constants.lr : constants.lr_value, constants.beta1,
+        constants.beta2, constants.eps, constants.weight_decay,
+        constants.step != nullptr ? *constants.step : constants.step_value);
+  }
   const int t = args.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(args.sizes[t], start + kChunk);
@@ -62,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 void launch_all(const std::vector<int64_t>& indices, at::TensorList params, at::TensorList grads,
                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                const AdamWScalars& scalars, const float* grad_scale, cudaStream_t stream) {
+                const StepConstants& scalars, const float* grad_scale, cudaStream_t stream) {
   AdamWLaunch<T> args;
   int slot = 0, blocks = 0;
   for (const int64_t t : indices) {
@@ -103,17 +117,33 @@ void launch_all(const std::vector<int64_t>& indices, at::TensorList params, at::
   }
 }
 
+static_assert(sizeof(AdamWLaunch<float>) + sizeof(StepConstants) + sizeof(void*) <= 4096,
+              "kernel arguments must fit in 4 KB");
+
 }  // namespace
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
                      double eps, double weight_decay, int64_t step,
-                     const std::optional<at::Tensor>& grad_scale) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, c10::DeviceType::CUDA);
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& step_tensor) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, lr_tensor, step_tensor,
+                     c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const AdamWScalars scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
+  StepConstants scalars;
+  scalars.host = adamw_scalars<double>(lr, beta1, beta2, eps, weight_decay,
+                                       static_cast<double>(step));
+  scalars.lr = lr_tensor.has_value() ? lr_tensor->data_ptr<float>() : nullptr;
+  scalars.step = step_tensor.has_value() ? step_tensor->data_ptr<float>() : nullptr;
+  scalars.lr_value = static_cast<float>(lr);
+  scalars.beta1 = static_cast<float>(beta1);
+  scalars.beta2 = static_cast<float>(beta2);
+  scalars.eps = static_cast<float>(eps);
+  scalars.weight_decay = static_cast<float>(weight_decay);
+  scalars.step_value = static_cast<float>(step);
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   // one group of launches per parameter dtype
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {

@@ -11,9 +11,20 @@ namespace fastgpt {
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
                     double eps, double weight_decay, int64_t step,
-                    const std::optional<at::Tensor>& grad_scale) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, c10::DeviceType::CPU);
-  const AdamWScalars scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& step_tensor) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, lr_tensor, step_tensor,
+                     c10::DeviceType::CPU);
+  // Tensor-held lr / step are float, as on the GPU; plain ones are computed in double.
+  const AdamWScalars scalars =
+      lr_tensor.has_value() || step_tensor.has_value()
+          ? adamw_scalars<float>(lr_tensor ? lr_tensor->item<float>() : static_cast<float>(lr),
+                                 beta1, beta2, eps, weight_decay,
+                                 step_tensor ? step_tensor->item<float>()
+                                             : static_cast<float>(step))
+          : adamw_scalars<double>(lr, beta1, beta2, eps, weight_decay,
+                                  static_cast<double>(step));
   const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   for (size_t t = 0; t < params.size(); ++t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[t].scalar_type(),

@@ -10,6 +10,9 @@
 #include <cmath>
 #include <cstdint>
 
+using std::pow;
+using std::sqrt;
+
 #if defined(__CUDACC__)
 #define FASTGPT_HD __host__ __device__ __forceinline__
 #else
@@ -30,16 +33,18 @@ struct AdamWScalars {
   float eps;
 };
 
-inline AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay, int64_t step) {
+// Real = double on the host (as torch does with its Python-float scalars); float on the
+// device when lr and step live in GPU memory (a CUDA-graph-capturable step).
+template <typename Real>
+FASTGPT_HD AdamWScalars adamw_scalars(Real lr, Real beta1, Real beta2, Real eps,
+                                      Real weight_decay, Real step) {
   AdamWScalars s;
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.decay = static_cast<float>(Real(1) - lr * weight_decay);
+  s.one_minus_beta1 = static_cast<float>(Real(1) - beta1);
   s.beta2 = static_cast<float>(beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.neg_step_size = static_cast<float>(-lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
-  s.bias_correction2_sqrt =
-      static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  s.one_minus_beta2 = static_cast<float>(Real(1) - beta2);
+  s.neg_step_size = static_cast<float>(-lr / (Real(1) - pow(beta1, step)));
+  s.bias_correction2_sqrt = static_cast<float>(sqrt(Real(1) - pow(beta2, step)));
   s.eps = static_cast<float>(eps);
   return s;
 }

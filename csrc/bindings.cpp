@@ -9,6 +9,8 @@ namespace fastgpt {
 
 void check_adamw_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& step_tensor,
                         c10::DeviceType device_type) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
@@ -37,10 +39,14 @@ void check_adamw_inputs(at::TensorList params, at::TensorList grads, at::TensorL
                     exp_avg_sqs[t].scalar_type() == at::kFloat,
                 "adamw_step: exp_avg and exp_avg_sq ", t, " must be float32");
   }
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat &&
-                    grad_scale->device() == device,
-                "adamw_step: grad_scale must be a one-element float32 tensor on ", device);
+  const std::optional<at::Tensor>* scalars[] = {&grad_scale, &lr_tensor, &step_tensor};
+  const char* scalar_names[] = {"grad_scale", "lr_tensor", "step_tensor"};
+  for (int k = 0; k < 3; ++k) {
+    const std::optional<at::Tensor>& t = *scalars[k];
+    TORCH_CHECK(!t.has_value() || (t->numel() == 1 && t->scalar_type() == at::kFloat &&
+                                   t->device() == device),
+                "adamw_step: ", scalar_names[k], " must be a one-element float32 tensor on ",
+                device);
   }
 }
 
@@ -50,7 +56,8 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def(
       "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, int step, Tensor? grad_scale) -> ()");
+      "float weight_decay, int step, Tensor? grad_scale, Tensor? lr_tensor=None, "
+      "Tensor? step_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }

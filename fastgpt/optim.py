@@ -15,6 +15,11 @@ between devices.
 max_grad_norm clips by the global gradient norm inside the step, as
 torch.nn.utils.clip_grad_norm_ followed by the step would (one reduction; the scale is
 applied inside the update and stays on the device; the .grad tensors are left as they are).
+
+capturable=True (fused backend) keeps each group's step count in device memory and reads
+the learning rate from group["lr"] when it is a tensor, so that a step captured in a CUDA
+graph replays correctly: run one eager step before capturing (it creates the device
+state). state_dict() then copies the device step counts back into the CPU "step" state.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from fastgpt.ops import resolve_backend
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *,
-                 max_grad_norm: float | None = None, backend: str | None = None):
+                 max_grad_norm: float | None = None, capturable: bool = False,
+                 backend: str | None = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not eps >= 0.0:
@@ -40,9 +46,14 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be > 0 (or None), got {max_grad_norm}")
+        if capturable and backend != "fused":
+            raise ValueError("capturable=True needs backend='fused' (the reference step "
+                             "reads its step count on the host)")
         resolve_backend("adamw", backend)  # an unknown name, or "fused" with no kernel: now
         self.backend = backend
         self.max_grad_norm = max_grad_norm
+        self.capturable = capturable
+        self._device_steps: dict[tuple[int, torch.device], torch.Tensor] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
@@ -67,10 +78,21 @@ class AdamW(torch.optim.Optimizer):
             for (device, step), batch in batches.items():
                 scale = None if grad_scale is None else grad_scale.to(device)
                 if resolve_backend("adamw", self.backend, device) == "fused":
-                    self._fused_step(batch, group, int(step), scale)
+                    self._fused_step(batch, group, step, scale)
                 else:
                     self._reference_step(batch, group, step, scale)
         return loss
+
+    def state_dict(self) -> dict:
+        for (group_index, _), device_step in self._device_steps.items():
+            for p in self.param_groups[group_index]["params"]:
+                if p in self.state:  # a captured graph advanced the device count only
+                    self.state[p]["step"] = device_step.detach().to("cpu", torch.float32)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._device_steps.clear()  # rebuilt from the loaded CPU counts at the next step
 
     def _init_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
@@ -118,11 +140,23 @@ class AdamW(torch.optim.Optimizer):
             if param is not p:
                 p.copy_(param)
 
-    def _fused_step(self, params: list[torch.Tensor], group: dict, step: int,
+    def _fused_step(self, params: list[torch.Tensor], group: dict, step: float,
                     grad_scale: torch.Tensor | None) -> None:
         beta1, beta2 = group["betas"]
+        lr, lr_tensor, step_tensor = group["lr"], None, None
+        if isinstance(lr, torch.Tensor):
+            lr_tensor, lr = lr.to(params[0].device, torch.float32).reshape(1), float("nan")
+        if self.capturable:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            key = (index, params[0].device)
+            if key in self._device_steps:
+                step_tensor = self._device_steps[key].add_(1)
+            else:  # the first (eager) step creates the device count
+                step_tensor = torch.tensor([step], dtype=torch.float32, device=params[0].device)
+                self._device_steps[key] = step_tensor
         torch.ops.fastgpt.adamw_step(
             params, [p.grad.contiguous() for p in params],
             [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params],
-            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step, grad_scale)
+            lr, beta1, beta2, group["eps"], group["weight_decay"], int(step), grad_scale,
+            lr_tensor, step_tensor)

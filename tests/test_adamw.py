@@ -208,3 +208,93 @@ def test_more_tensors_than_one_launch_holds():
     opt_ref.step()
     for p, q in zip(params, ref):
         assert_close_rel(p.detach(), q.detach())
+
+
+def test_lr_and_step_read_from_tensors(cpu_build):
+    """The capturable path: lr and step in (device) memory, bias corrections in fp32."""
+    results = []
+    for from_tensors in (False, True):
+        params = make_params()
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for p in params]
+        states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        with torch.no_grad():
+            for step in (1, 2, 3):
+                cpu_build(params, grads, [m for m, _ in states], [v for _, v in states],
+                          float("nan") if from_tensors else 1e-3, 0.9, 0.999, 1e-8, 0.1,
+                          -7 if from_tensors else step, None,
+                          torch.tensor([1e-3]) if from_tensors else None,
+                          torch.tensor([float(step)]) if from_tensors else None)
+        results.append(params)
+    for p, q in zip(*results):
+        assert_close_rel(q.detach(), p.detach())  # fp32 pow on the device: within 1e-6
+
+
+def test_capturable_bookkeeping(cpu_build):
+    ours, plain = make_params(), make_params()
+    lr = torch.tensor(1e-3)
+    opt = AdamW(ours, lr=lr, backend="fused", capturable=True)
+    opt_plain = AdamW(plain, lr=1e-3, backend="fused")
+    run_steps([(ours, opt), (plain, opt_plain)], 4)
+    for p, q in zip(ours, plain):
+        assert_close_rel(p.detach(), q.detach())
+    lr.fill_(0.0)  # a schedule updates the tensor in place; with lr 0 only decay is... 0 too
+    before = [p.detach().clone() for p in ours]
+    run_steps([(ours, opt)], 1)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ours, before))
+    state = opt.state_dict()
+    assert all(s["step"].item() == 5 and s["step"].device.type == "cpu"
+               for s in state["state"].values())
+    with pytest.raises(ValueError, match="capturable=True needs backend='fused'"):
+        AdamW(make_params(), capturable=True)
+
+
+@gpu
+def test_a_captured_step_replays_like_eager_steps():
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=gen) for n in (1, 1000, 70000)]
+    captured = [torch.nn.Parameter(s.cuda()) for s in start]
+    eager = [torch.nn.Parameter(s.cuda()) for s in start]
+    for p, q in zip(captured, eager):  # static gradients, as a captured step needs
+        p.grad = torch.randn(p.shape, generator=gen).cuda()
+        q.grad = p.grad.clone()
+    lr = torch.tensor(1e-3, device="cuda")
+    opt = AdamW(captured, lr=lr, backend="fused", capturable=True, max_grad_norm=1.0)
+    opt_eager = AdamW(eager, lr=1e-3, backend="fused", max_grad_norm=1.0)
+    opt.step()  # the eager step that creates the state
+    opt_eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(4):
+        graph.replay()
+        opt_eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(captured, eager):
+        assert_close_rel(p.detach(), q.detach())
+    assert all(s["step"].item() == 5 for s in opt.state_dict()["state"].values())
+
+
+@gpu
+def test_resume_on_the_gpu_from_a_cpu_saved_state_dict(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=gen) for n in (7, 5000)]
+    grads = [[torch.randn(n, generator=gen) for n in (7, 5000)] for _ in range(6)]
+    whole = [torch.nn.Parameter(s.cuda()) for s in start]
+    opt = AdamW(whole, lr=1e-3, backend="fused")
+    for k in range(6):
+        for p, g in zip(whole, grads[k]):
+            p.grad = g.cuda()
+        opt.step()
+        if k == 2:
+            torch.save({"params": [p.detach().cpu() for p in whole],
+                        "optimizer": opt.state_dict()}, tmp_path / "half.pt")
+    saved = torch.load(tmp_path / "half.pt", map_location="cpu", weights_only=True)
+    resumed = [torch.nn.Parameter(p.cuda()) for p in saved["params"]]
+    opt2 = AdamW(resumed, lr=1e-3, backend="fused")
+    opt2.load_state_dict(saved["optimizer"])
+    for k in range(3, 6):
+        for p, g in zip(resumed, grads[k]):
+            p.grad = g.cuda()
+        opt2.step()
+    for p, q in zip(whole, resumed):
+        assert torch.equal(p.detach(), q.detach())

@@ -61,7 +61,7 @@ def register_fakes() -> None:
     if registered() and not getattr(register_fakes, "done", False):
         torch.library.register_fake("fastgpt::adamw_step")(
             lambda params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-            weight_decay, step, grad_scale: None)
+            weight_decay, step, grad_scale, lr_tensor=None, step_tensor=None: None)
         register_fakes.done = True
 
 
