@@ -21,6 +21,17 @@ constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;
 constexpr int kThreads = 512;
 
+constexpr int kVec = 4;  // elements per vector access
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Vec {
+  T x[kVec];
+};
+
+__device__ __forceinline__ bool aligned(const void* pointer, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
 template <typename T>
 struct AdamWLaunch {
   T* params[kMaxTensors];
@@ -60,7 +71,33 @@ __global__ void __launch_bounds__(kThreads)
   const T* __restrict__ g = args.grads[t];
   float* __restrict__ m = args.exp_avgs[t];
   float* __restrict__ v = args.exp_avg_sqs[t];
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+
+  // Vector path: kVec elements per thread and access (16 bytes of fp32 state, 16 or 8 bytes
+  // of params), when every base address allows it (chunks start at multiples of kVec).
+  int64_t scalar_from = start;
+  if (aligned(p, sizeof(Vec<T>)) && aligned(g, sizeof(Vec<T>)) && aligned(m, sizeof(Vec<float>)) &&
+      aligned(v, sizeof(Vec<float>))) {
+    const int64_t vec_end = start + (end - start) / kVec * kVec;
+    for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+         i += static_cast<int64_t>(kThreads) * kVec) {
+      Vec<T> p_v = *reinterpret_cast<const Vec<T>*>(p + i);
+      const Vec<T> g_v = *reinterpret_cast<const Vec<T>*>(g + i);
+      Vec<float> m_v = *reinterpret_cast<const Vec<float>*>(m + i);
+      Vec<float> v_v = *reinterpret_cast<const Vec<float>*>(v + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        float p_k = static_cast<float>(p_v.x[k]);
+        adamw_update(p_k, static_cast<float>(g_v.x[k]) * scale, m_v.x[k], v_v.x[k], scalars);
+        p_v.x[k] = static_cast<T>(p_k);
+      }
+      *reinterpret_cast<Vec<T>*>(p + i) = p_v;
+      *reinterpret_cast<Vec<float>*>(m + i) = m_v;
+      *reinterpret_cast<Vec<float>*>(v + i) = v_v;
+    }
+    scalar_from = vec_end;
+  }
+  // Scalar path: unaligned tensors, and the last (end - start) % kVec elements.
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
     float p_i = static_cast<float>(p[i]);
     float m_i = m[i];
     float v_i = v[i];

@@ -173,9 +173,13 @@ def test_cuda_kernel_matches_torch(dtype):
     sizes = [1, 3, 4, 5, 17, 1000, 65535, 65537, 10 ** 6 + 3, 10 ** 7]
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(n + 1, generator=gen) for n in sizes]
-    # storage offset 1: unaligned starts for every tensor
-    ours = [torch.nn.Parameter(b.to("cuda", dtype)[1:]) for b in base]
-    theirs = [torch.nn.Parameter(b.to("cuda", torch.float32)[1:].clone()) for b in base]
+    # storage offset 1 for every other tensor: the vector path for aligned tensors, the
+    # scalar path for unaligned ones
+    offsets = [i % 2 for i in range(len(sizes))]
+    ours = [torch.nn.Parameter(b.to("cuda", dtype)[o:o + n])
+            for b, o, n in zip(base, offsets, sizes)]
+    theirs = [torch.nn.Parameter(b.to("cuda", torch.float32)[o:o + n].clone())
+              for b, o, n in zip(base, offsets, sizes)]
     opt_ours = AdamW(ours, lr=1e-3, weight_decay=0.1, backend="fused")
     opt_theirs = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.1, foreach=False)
     for _ in range(5):
