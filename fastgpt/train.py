@@ -238,7 +238,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
 
     model = GPT(**config.model_kwargs()).to(device)
     optimizer = AdamW(param_groups(model, config.weight_decay, config.weight_decay_all),
-                      lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+                      lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                      max_grad_norm=config.grad_clip or None)
     batches = BatchStream(datasets["train"], config.batch_size, config.seed,
                           pin_memory=device.type == "cuda")
     step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
@@ -336,9 +337,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
                     loss = model.loss(x, y) / config.grad_accum
                 loss.backward()
                 step_loss += loss.detach()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            optimizer.step()  # clips to config.grad_clip inside the step
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step

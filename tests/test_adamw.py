@@ -302,3 +302,23 @@ def test_resume_on_the_gpu_from_a_cpu_saved_state_dict(tmp_path):
         opt2.step()
     for p, q in zip(whole, resumed):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_self_check_runs_the_fused_step_against_the_reference(cpu_build, monkeypatch):
+    from fastgpt.ops import extension
+    extension.self_check(torch.device("cpu"))  # the CPU build runs the kernel's arithmetic
+    real = torch.ops.fastgpt.adamw_step
+
+    def off_by_a_bit(params, *args):
+        real(params, *args)
+        with torch.no_grad():
+            params[-1].add_(1e-2)
+
+    monkeypatch.setattr(AdamW, "_fused_step", lambda self, params, group, step, scale:
+                        off_by_a_bit(params, [p.grad for p in params],
+                                     [self.state[p]["exp_avg"] for p in params],
+                                     [self.state[p]["exp_avg_sq"] for p in params],
+                                     group["lr"], *group["betas"], group["eps"],
+                                     group["weight_decay"], int(step), scale))
+    with pytest.raises(RuntimeError, match="differs from the reference"):
+        extension.self_check(torch.device("cpu"))

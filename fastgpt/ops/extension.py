@@ -79,19 +79,48 @@ def load_extension() -> tuple[bool, str]:
             source = None
     if not torch.cuda.is_available():
         return False, "needs a CUDA GPU"
-    if _cuda_impl_present():
-        return True, source
-    if registered():
-        return False, "the loaded fastgpt._C is a CPU build (no CUDA kernels)"
-    from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME is None:
-        return False, "no CUDA toolkit (nvcc) to build fastgpt._C; set CUDA_HOME"
+    if not _cuda_impl_present():
+        if registered():
+            return False, "the loaded fastgpt._C is a CPU build (no CUDA kernels)"
+        from torch.utils.cpp_extension import CUDA_HOME
+        if CUDA_HOME is None:
+            return False, "no CUDA toolkit (nvcc) to build fastgpt._C; set CUDA_HOME"
+        try:
+            build(cuda=True)
+        except Exception as exc:  # compiler errors are long: keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return False, f"building fastgpt._C failed ({first[:300]})"
+        source = "JIT-built from csrc/ (cached in ~/.cache/torch_extensions)"
     try:
-        build(cuda=True)
-    except Exception as exc:  # compiler errors are long: keep the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"building fastgpt._C failed ({first[:300]})"
-    return _cuda_impl_present(), "JIT-built from csrc/ (cached in ~/.cache/torch_extensions)"
+        self_check(torch.device("cuda"))
+    except Exception as exc:
+        return False, f"{source}, but it failed its self-check ({type(exc).__name__}: {exc})"
+    return True, source
+
+
+def self_check(device: torch.device) -> None:
+    """One fused AdamW step against the reference on `device`: fp32 and bf16, aligned and
+    unaligned tensors, more tensors than one launch takes. Raises RuntimeError if they
+    disagree beyond rounding (1e-5 relative for fp32, 2^-7 for bf16)."""
+    from fastgpt.optim import AdamW
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -7)):
+        sizes = [1 + (i * 977) % 5000 for i in range(40)]
+        start = [torch.randn(n + 1, generator=generator) for n in sizes]
+        grads = [torch.randn(n, generator=generator) for n in sizes]
+        results = []
+        for backend in ("reference", "fused"):
+            params = [torch.nn.Parameter(s.to(device, dtype, copy=True)[i % 2:i % 2 + n])
+                      for i, (s, n) in enumerate(zip(start, sizes))]
+            for p, g in zip(params, grads):
+                p.grad = g.to(device, dtype)
+            AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=10.0,
+                  backend=backend).step()
+            results.append(torch.cat([p.detach().float().flatten() for p in params]))
+        error = (results[0] - results[1]).abs().max().item()
+        if not error <= tol * results[0].abs().max().item():
+            raise RuntimeError(f"{dtype} step differs from the reference by {error:.3g}")
 
 
 def _cuda_impl_present() -> bool:
