@@ -49,7 +49,7 @@ struct StepConstants {
   AdamWScalars host;
   const float* lr;    // nullptr: host.* hold the values
   const float* step;  // nullptr: host.* hold the values
-  float lr_value, beta1, beta2, eps, weight_decay, step_value;
+  double lr_value, beta1, beta2, eps, weight_decay, step_value;
 };
 
 template <typename T>
@@ -58,10 +58,11 @@ __global__ void __launch_bounds__(kThreads)
                  const float* __restrict__ grad_scale) {
   AdamWScalars scalars = constants.host;
   if (constants.lr != nullptr || constants.step != nullptr) {
-    scalars = adamw_scalars<float>(
-        constants.lr != nullptr ? *constants.lr : constants.lr_value, constants.beta1,
-        constants.beta2, constants.eps, constants.weight_decay,
-        constants.step != nullptr ? *constants.step : constants.step_value);
+    // in double, as the host does: 1 / (1 - beta2^t) magnifies fp32 rounding ~1000x early on
+    scalars = adamw_scalars<double>(
+        constants.lr != nullptr ? static_cast<double>(*constants.lr) : constants.lr_value,
+        constants.beta1, constants.beta2, constants.eps, constants.weight_decay,
+        constants.step != nullptr ? static_cast<double>(*constants.step) : constants.step_value);
   }
   const int t = args.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * kChunk;
@@ -175,12 +176,12 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                                        static_cast<double>(step));
   scalars.lr = lr_tensor.has_value() ? lr_tensor->data_ptr<float>() : nullptr;
   scalars.step = step_tensor.has_value() ? step_tensor->data_ptr<float>() : nullptr;
-  scalars.lr_value = static_cast<float>(lr);
-  scalars.beta1 = static_cast<float>(beta1);
-  scalars.beta2 = static_cast<float>(beta2);
-  scalars.eps = static_cast<float>(eps);
-  scalars.weight_decay = static_cast<float>(weight_decay);
-  scalars.step_value = static_cast<float>(step);
+  scalars.lr_value = lr;
+  scalars.beta1 = beta1;
+  scalars.beta2 = beta2;
+  scalars.eps = eps;
+  scalars.weight_decay = weight_decay;
+  scalars.step_value = static_cast<double>(step);
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   // one group of launches per parameter dtype
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {

@@ -16,15 +16,12 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& step_tensor) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, lr_tensor, step_tensor,
                      c10::DeviceType::CPU);
-  // Tensor-held lr / step are float, as on the GPU; plain ones are computed in double.
+  // Tensor-held lr / step (the capturable path) replace the plain ones; all in double.
+  const double lr_value = lr_tensor ? static_cast<double>(lr_tensor->item<float>()) : lr;
+  const double step_value = step_tensor ? static_cast<double>(step_tensor->item<float>())
+                                        : static_cast<double>(step);
   const AdamWScalars scalars =
-      lr_tensor.has_value() || step_tensor.has_value()
-          ? adamw_scalars<float>(lr_tensor ? lr_tensor->item<float>() : static_cast<float>(lr),
-                                 beta1, beta2, eps, weight_decay,
-                                 step_tensor ? step_tensor->item<float>()
-                                             : static_cast<float>(step))
-          : adamw_scalars<double>(lr, beta1, beta2, eps, weight_decay,
-                                  static_cast<double>(step));
+      adamw_scalars<double>(lr_value, beta1, beta2, eps, weight_decay, step_value);
   const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
   for (size_t t = 0; t < params.size(); ++t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[t].scalar_type(),

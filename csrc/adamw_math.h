@@ -33,7 +33,7 @@ struct AdamWScalars {
   float eps;
 };
 
-// Real = double on the host (as torch does with its Python-float scalars); float on the
+// Computed in double (as torch does with its Python-float scalars), on the host, or on the
 // device when lr and step live in GPU memory (a CUDA-graph-capturable step).
 template <typename Real>
 FASTGPT_HD AdamWScalars adamw_scalars(Real lr, Real beta1, Real beta2, Real eps,

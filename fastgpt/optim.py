@@ -75,6 +75,11 @@ class AdamW(torch.optim.Optimizer):
             batches: dict[tuple, list[torch.Tensor]] = {}
             for p in params:
                 batches.setdefault((p.device, self.state[p]["step"].item()), []).append(p)
+            devices = [device for device, _ in batches]
+            if self.capturable and len(devices) != len(set(devices)):
+                raise ValueError("capturable=True keeps one step count per group and device, "
+                                 "but this group's parameters have taken different numbers "
+                                 "of steps (some had no gradient): put them in separate groups")
             for (device, step), batch in batches.items():
                 scale = None if grad_scale is None else grad_scale.to(device)
                 if resolve_backend("adamw", self.backend, device) == "fused":
@@ -91,7 +96,25 @@ class AdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, but the moments stay float32 (torch would round them to
+        a bf16/fp16 parameter's dtype) and "step" stays a CPU float32 scalar (torch's fused
+        or capturable AdamW saves it on the GPU). After loading, re-capture any CUDA graph."""
+        for group in state_dict["param_groups"]:
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag):
+                    raise ValueError(f"this AdamW has no {flag}; the state_dict uses it")
         super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            state["step"] = torch.as_tensor(saved["step"]).detach().to(
+                device="cpu", dtype=torch.float32).reshape(())
         self._device_steps.clear()  # rebuilt from the loaded CPU counts at the next step
 
     def _init_state(self, p: torch.Tensor) -> None:
@@ -107,8 +130,10 @@ class AdamW(torch.optim.Optimizer):
                 state[key] = state[key].float()
 
     def _clip_scale(self) -> torch.Tensor:
-        """min(1, max_grad_norm / (global grad norm + 1e-6)) as a float32 tensor, computed
-        like torch.nn.utils.clip_grad_norm_ and left on the device."""
+        """min(1, max_grad_norm / (global grad norm + 1e-6)) as a float32 tensor left on the
+        device: torch.nn.utils.clip_grad_norm_'s formula (for fp32 gradients its exact
+        arithmetic; for bf16/fp16 ones the norm is taken in fp32, where torch uses the
+        gradients' dtype)."""
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None]
         if not grads:
@@ -120,7 +145,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
                         grad_scale: torch.Tensor | None) -> None:
-        lr, (beta1, beta2) = group["lr"], group["betas"]
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         bias_correction1 = 1.0 - beta1 ** step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)

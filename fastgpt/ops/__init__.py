@@ -99,7 +99,7 @@ def _extension_status() -> tuple[bool, str]:
     from fastgpt.ops import extension
 
     ok, why = extension.load_extension()
-    if not ok and extension.registered():
+    if not ok and not torch.cuda.is_available() and extension.registered():
         return True, f"{why}; fastgpt._C's CPU loop runs its arithmetic on CPU tensors"
     return ok, why
 
