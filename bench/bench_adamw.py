@@ -17,10 +17,7 @@ says so and times fastgpt's reference step and torch's for-loop on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from fastgpt import ops  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.optim import AdamW  # noqa: E402
+from timing import median_ms, write_result  # noqa: E402  (bench/timing.py)
 
 SETS = {
     "seed (11.1M)": dict(vocab_size=512, context_length=256, d_model=384, num_heads=6,
@@ -59,22 +57,7 @@ def time_step(make_optimizer, params, clip: bool, reps: int, warmup: int, cuda: 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(step, reps, warmup, cuda)
 
 
 def main() -> int:
@@ -133,12 +116,7 @@ def main() -> int:
             print(line)
             rows.append(row)
         del params
-    result = {"benchmark": "adamw", "device": card, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "reps": reps, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, "adamw", card, reps, rows)
     return 0
 
 

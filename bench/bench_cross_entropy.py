@@ -16,11 +16,8 @@ shapes that fit in a few seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import reference  # noqa: E402
+from timing import median_ms, write_result  # noqa: E402  (bench/timing.py)
 
 N = 8192
 
@@ -40,26 +38,14 @@ def measure(fn, logits: torch.Tensor, targets: torch.Tensor, warmup: int, reps: 
         x = logits.detach().requires_grad_()
         fn(x, targets).backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    if logits.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated() - base
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), None
+    if not logits.is_cuda:
+        return median_ms(step, reps, warmup, cuda=False), None
+    step()  # the first call allocates and compiles: keep it out of the peak
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = median_ms(step, reps, warmup, cuda=True)
+    return ms, torch.cuda.max_memory_allocated() - base
 
 
 def main() -> int:
@@ -116,12 +102,7 @@ def main() -> int:
             print(line)
             rows.append(row)
             del logits
-    result = {"benchmark": "cross_entropy", "device": card, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "reps": reps, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, "cross_entropy", card, reps, rows)
     return 0
 
 

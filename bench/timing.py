@@ -1,0 +1,43 @@
+"""What every benchmark here shares: median timings after warm-up (CUDA events on a GPU,
+a wall clock on a CPU) and the JSON result file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def median_ms(step: Callable[[], object], reps: int, warmup: int, cuda: bool) -> float:
+    """Median milliseconds of `step()` over `reps` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def write_result(path: str | None, benchmark: str, device: str, reps: int, rows: list) -> None:
+    """Write the rows with the card and versions to `path` (nothing if path is None)."""
+    if not path:
+        return
+    result = {"benchmark": benchmark, "device": device, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "reps": reps, "rows": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
