@@ -185,3 +185,17 @@ class AdamW(torch.optim.Optimizer):
             [self.state[p]["exp_avg_sq"] for p in params],
             lr, beta1, beta2, group["eps"], group["weight_decay"], int(step), grad_scale,
             lr_tensor, step_tensor)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decay_all: bool = False) -> list[dict]:
+    """Weight decay on the weight matrices only (unless decay_all): biases, LayerNorm
+    weights and embeddings go in a group with weight_decay 0."""
+    params = list(model.parameters())
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decayed = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+    not_decayed = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": not_decayed, "weight_decay": 0.0}]

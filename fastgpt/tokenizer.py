@@ -12,9 +12,6 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
-
 from fastgpt import FastGPTError
 from fastgpt.fileio import write_atomic
 
@@ -23,7 +20,9 @@ BYTE_ALPHABET_SIZE = 256
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer: _HFTokenizer):
+    # `tokenizers` is imported where it is used, so that the limits above can be imported
+    # on a machine without it (the GPU check runs from a bare source tree).
+    def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
 
     @classmethod
@@ -34,7 +33,10 @@ class Tokenizer:
             raise FastGPTError(
                 f"vocab_size must be between {BYTE_ALPHABET_SIZE} (the byte alphabet) and "
                 f"{MAX_VOCAB_SIZE} (token ids are stored as uint16), got {vocab_size}")
-        tok = _HFTokenizer(models.BPE())
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -73,8 +75,10 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
         try:
-            return cls(_HFTokenizer.from_str(text))
+            return cls(HFTokenizer.from_str(text))
         except Exception as exc:  # the Rust side raises a bare Exception
             raise FastGPTError(f"not a valid tokenizer: {exc}") from None
 

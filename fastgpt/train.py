@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from fastgpt import FastGPTError, ops
@@ -29,7 +28,7 @@ from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.data import NextTokenDataset, load_corpus, make_loader, prepare
 from fastgpt.fileio import atomic_open, write_atomic
 from fastgpt.model import GPT
-from fastgpt.optim import AdamW
+from fastgpt.optim import AdamW, param_groups
 from fastgpt.tokenizer import Tokenizer
 
 
@@ -62,19 +61,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Weight decay on the weight matrices only (unless decay_all): biases, LayerNorm
-    weights and embeddings go in a group with weight_decay 0."""
-    params = list(model.parameters())
-    if decay_all:
-        return [{"params": params, "weight_decay": weight_decay}]
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decayed = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    not_decayed = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    return [{"params": decayed, "weight_decay": weight_decay},
-            {"params": not_decayed, "weight_decay": 0.0}]
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -156,8 +156,7 @@ def _adamw_rows(device: torch.device) -> list[Row]:
 def _training_step_rows(device: torch.device, available: dict) -> list[Row]:
     from fastgpt import ops
     from fastgpt.model import GPT
-    from fastgpt.optim import AdamW
-    from fastgpt.train import param_groups
+    from fastgpt.optim import AdamW, param_groups
 
     steps, lr = 3, 1e-3
     sizes = dict(vocab_size=512, context_length=64, d_model=64, num_heads=2, num_layers=2,

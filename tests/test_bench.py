@@ -36,3 +36,14 @@ def test_adamw_benchmark_reference_mode(tmp_path):
     data = json.loads(out.read_text())
     assert [(r["set"], r["clip"], r["parameters"]) for r in data["rows"]] == [
         ("seed (11.1M)", False, 11_132_672), ("seed (11.1M)", True, 11_132_672)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
+def test_gpu_check_refuses_cleanly_without_a_gpu():
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True,
+                            text=True, timeout=120, env={**__import__("os").environ,
+                                                         "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU is visible to torch here; this check needs one "
+        "(run pytest for the CPU checks)"]

@@ -1,5 +1,5 @@
 """fastgpt.model.GPT: size, untrained loss, shapes, causality, dropout, gradients,
-initialisation, the loss, and fastgpt.train.param_groups."""
+initialisation, the loss, and fastgpt.optim.param_groups."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgpt.model import GPT
-from fastgpt.train import param_groups
+from fastgpt.optim import param_groups
 
 SMALL = dict(vocab_size=512, context_length=64, d_model=128, num_heads=4, num_layers=4)
 LN_VOCAB = math.log(512)  # 6.2383

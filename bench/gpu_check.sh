@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The one command for a machine with a GPU: build the CUDA extension, run the kernel tests,
+# compute-sanitizer on small kernel runs, `fastgpt verify` and every benchmark in bench/,
+# then write bench/results/<date>-<gpu>.md and .json (commit, GPU, driver, CUDA, torch and
+# triton versions, each step's outcome) and print a summary table last.
+#
+#   bash bench/gpu_check.sh
+#
+# Runs from the source tree as it is (no install, no network): it needs torch, triton,
+# numpy, pytest and ninja, not tokenizers/tqdm/matplotlib, so it runs the kernel tests only
+# (the full suite is CI's job). Exits 2 without a GPU, 1 if any step fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU is visible to torch here; this check needs one (run pytest for the CPU checks)" >&2
+  exit 2
+fi
+
+gpu=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+stem="bench/results/$(date -u +%Y-%m-%d)-$gpu"
+mkdir -p bench/results
+log="$stem.log"
+: > "$log"
+names=() results=() seconds=()
+
+step() {  # step NAME COMMAND...: run, log, record PASS/FAIL and the time
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name: $*" | tee -a "$log"
+  if "$@" >> "$log" 2>&1; then results+=(PASS); else results+=(FAIL); fi
+  names+=("$name"); seconds+=($((SECONDS - start)))
+  echo "   ${results[-1]} in ${seconds[-1]} s" | tee -a "$log"
+}
+
+KERNEL_TESTS="tests/test_cross_entropy.py tests/test_adamw.py tests/test_ops_reference.py tests/test_optim.py tests/test_model.py tests/test_verify.py"
+
+step "build fastgpt._C" "$PYTHON" -c "
+from fastgpt.ops import extension
+extension.build(cuda=True, verbose=True)
+ok, why = extension.load_extension()
+print('fused AdamW:', ok, why)
+raise SystemExit(0 if ok else 1)"
+step "kernel tests" "$PYTHON" -m pytest -q -p no:cacheprovider $KERNEL_TESTS
+SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
+SMALL_RUN="
+import torch
+from fastgpt import ops
+from fastgpt.optim import AdamW
+x = torch.randn(37, 1000, device='cuda', requires_grad=True)
+t = torch.randint(0, 1000, (37,), device='cuda')
+for reduction in ('mean', 'none'):
+    ops.cross_entropy(x, t, reduction=reduction, backend='fused').sum().backward()
+ps = [torch.nn.Parameter(torch.randn(n, device='cuda')) for n in (1, 7, 70001)]
+for p in ps: p.grad = torch.randn_like(p)
+AdamW(ps, backend='fused', max_grad_norm=1.0).step()
+torch.cuda.synchronize()
+print('ok')"
+if [ -x "$SANITIZER" ]; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool" "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" -c "$SMALL_RUN"
+  done
+else
+  echo "== compute-sanitizer: not found at $SANITIZER" | tee -a "$log"
+  names+=("compute-sanitizer"); results+=(FAIL); seconds+=(0)
+fi
+step "fastgpt verify" "$PYTHON" -m fastgpt verify
+step "bench cross_entropy" "$PYTHON" bench/bench_cross_entropy.py --out "$stem-cross_entropy.json"
+step "bench adamw" "$PYTHON" bench/bench_adamw.py --out "$stem-adamw.json"
+if [ -f bench/bench_train.py ]; then
+  step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
+fi
+
+# the report: environment, the summary, then each step's output
+env_json=$("$PYTHON" - <<'EOF'
+import json, subprocess, platform, torch
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as exc:
+        return f"unavailable ({exc})"
+try:
+    import triton
+    triton_version = triton.__version__
+except Exception as exc:
+    triton_version = f"unavailable ({exc})"
+print(json.dumps({
+    "commit": run("git", "rev-parse", "HEAD") or "unknown",
+    "dirty": bool(run("git", "status", "--porcelain")),
+    "gpu": torch.cuda.get_device_name(),
+    "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+    "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton_version,
+    "python": platform.python_version(),
+}))
+EOF
+)
+summary=""
+failed=0
+for i in "${!names[@]}"; do
+  summary+=$(printf '| %-26s | %-4s | %5s s |' "${names[$i]}" "${results[$i]}" "${seconds[$i]}")$'\n'
+  [ "${results[$i]}" = FAIL ] && failed=$((failed + 1))
+done
+steps_json=$("$PYTHON" -c "
+import json, sys
+names, results, seconds = sys.argv[1].split('|'), sys.argv[2].split('|'), sys.argv[3].split('|')
+print(json.dumps([{'step': n, 'result': r, 'seconds': int(s)} for n, r, s in zip(names, results, seconds)]))
+" "$(IFS='|'; echo "${names[*]}")" "$(IFS='|'; echo "${results[*]}")" "$(IFS='|'; echo "${seconds[*]}")")
+echo "{\"environment\": $env_json, \"steps\": $steps_json, \"failed\": $failed}" > "$stem.json"
+{
+  echo "# GPU check: $gpu, $(date -u +%Y-%m-%d)"
+  echo
+  echo "Environment: \`$env_json\`"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+  printf '%s' "$summary"
+  echo
+  echo "Full output (the log of every step):"
+  echo
+  echo '```'
+  cat "$log"
+  echo '```'
+} > "$stem.md"
+
+echo
+echo "wrote $stem.md, $stem.json (and per-benchmark JSON beside them)"
+echo "| step                       | res  |  time   |"
+printf '%s' "$summary"
+[ "$failed" -eq 0 ]
