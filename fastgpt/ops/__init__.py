@@ -104,15 +104,21 @@ def _extension_status() -> tuple[bool, str]:
     return ok, why
 
 
+def status(op: str) -> tuple[bool, str]:
+    """(whether `op`'s fused kernel can run here, what it runs on or why not). Only that
+    op's kernel is looked at (and, on a GPU, built and self-checked once)."""
+    if op == "cross_entropy":
+        ok, why = _triton_status()
+    elif op == "adamw":
+        ok, why = _extension_status()
+    else:
+        ok, why = False, "not implemented yet"
+    return ok, f"{KERNELS[op]}: {why}"
+
+
 def available() -> dict[str, tuple[bool, str]]:
     """For each op: (whether its fused kernel can run here, what it runs on or why not)."""
-    triton_ok, triton_why = _triton_status()
-    extension_ok, extension_why = _extension_status()
-    return {
-        "cross_entropy": (triton_ok, f"{KERNELS['cross_entropy']}: {triton_why}"),
-        "adamw": (extension_ok, f"{KERNELS['adamw']}: {extension_why}"),
-        "causal_attention": (False, f"{KERNELS['causal_attention']}: not implemented yet"),
-    }
+    return {op: status(op) for op in KERNELS}
 
 
 def _fused_runs_on(op: str, device: torch.device) -> bool:
@@ -132,7 +138,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device | None = 
     backend = get_backend() if backend is None else _check_backend(backend)
     if backend == "reference":
         return "reference"
-    ok, why = available()[op]
+    ok, why = status(op)
     on_cuda = device is not None and device.type == "cuda"
     if backend == "auto":
         return "fused" if ok and on_cuda else "reference"
