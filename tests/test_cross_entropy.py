@@ -129,6 +129,20 @@ def test_several_rows_per_program_and_row_counts_off_the_block():
         assert_matches_torch(logits, targets, block_v=128, block_rows=8)
 
 
+@pytest.mark.parametrize("V", [512, 1000, 50257])
+def test_the_gpu_default_tile_sizes(V):
+    # Through the interpreter the default tiles are larger (few programs); here the GPU's
+    # defaults run on CPU too, with a row count off their row block.
+    from fastgpt.ops.triton_ce import block_sizes
+
+    block_rows, block_v = block_sizes(V)  # the GPU's choice for this V
+    assert block_sizes(V, interpreted=True)[1] == block_v
+    logits, targets = random_case(2 * block_rows + 3, V, torch.float32, seed=V)
+    for reduction in ("mean", "none"):
+        assert_matches_torch(logits, targets, reduction=reduction, block_v=block_v,
+                             block_rows=block_rows)
+
+
 def test_extreme_logits():
     logits, targets = random_case(8, 300, torch.float32, seed=3)
     logits[0] = 1e4                                  # all equal and huge

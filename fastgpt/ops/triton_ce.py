@@ -37,6 +37,11 @@ MAX_BLOCK_V = 4096     # vocab columns per loop iteration (a power of two)
 TILE_ELEMENTS = 4096   # block_rows * block_v for small V: several rows per program
 MAX_BLOCK_ROWS = 32    # keeps enough programs to fill the GPU when V is tiny
 SCALE_BLOCK = 4096
+# Through the interpreter (CPU tensors) each program costs milliseconds of Python whatever
+# its size, so there the tiles are as large as numpy handles well: few, big programs.
+INTERPRETER_TILE_ELEMENTS = 131072
+INTERPRETER_MAX_BLOCK_ROWS = 256
+INTERPRETER_SCALE_BLOCK = 65536
 
 
 @triton.jit
@@ -141,15 +146,18 @@ def _scale_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     tl.store(grad_ptr + offsets, (g * scale).to(grad_ptr.dtype.element_ty), mask=todo)
 
 
-def block_sizes(n_cols: int, block_v: int | None = None,
-                block_rows: int | None = None) -> tuple[int, int]:
+def block_sizes(n_cols: int, block_v: int | None = None, block_rows: int | None = None,
+                interpreted: bool = False) -> tuple[int, int]:
     """(block_rows, block_v): the whole row in one block up to MAX_BLOCK_V columns, and as
-    many rows per program as fill TILE_ELEMENTS, at most MAX_BLOCK_ROWS. Tests force small
-    blocks so that the vocab loop runs several times."""
+    many rows per program as fill TILE_ELEMENTS, at most MAX_BLOCK_ROWS (the INTERPRETER_
+    sizes when `interpreted`). Tests force small blocks so that the vocab loop runs
+    several times."""
     if block_v is None:
         block_v = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
     if block_rows is None:
-        block_rows = min(MAX_BLOCK_ROWS, max(1, TILE_ELEMENTS // block_v))
+        tile, max_rows = ((INTERPRETER_TILE_ELEMENTS, INTERPRETER_MAX_BLOCK_ROWS) if interpreted
+                          else (TILE_ELEMENTS, MAX_BLOCK_ROWS))
+        block_rows = min(max_rows, max(1, tile // block_v))
     for name, value in (("block_v", block_v), ("block_rows", block_rows)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
@@ -182,7 +190,8 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
         stats = torch.empty(2, n_rows, dtype=torch.float32, device=device)
     grad = None if grad_scale is None else torch.empty(n_rows, n_cols, dtype=logits.dtype,
                                                        device=device)
-    rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows)
+    rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows,
+                                            interpreted=not logits.is_cuda)
     with _on_device(logits):
         _cross_entropy_kernel[(triton.cdiv(n_rows, rows_per_program),)](
             logits, logits.stride(0), targets,
@@ -206,9 +215,10 @@ def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad (contiguous) *= scale (a one-element tensor on grad's device), in place,
     without a host sync: the kernel itself skips the work when scale is exactly 1."""
     scale = scale.to(torch.float32).reshape(1)
+    block = SCALE_BLOCK if grad.is_cuda else INTERPRETER_SCALE_BLOCK
     with _on_device(grad):
-        _scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
-            grad, scale, grad.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+        _scale_kernel[(triton.cdiv(grad.numel(), block),)](
+            grad, scale, grad.numel(), BLOCK=block, num_warps=8)
     torch.autograd.graph.increment_version(grad)  # Triton wrote it behind autograd's back
     return grad
 
