@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from fastgpt import FastGPTError
+from fastgpt.ops import parse_backend
 from fastgpt.tokenizer import BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE
 
 
@@ -76,8 +77,8 @@ class TrainConfig:
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise FastGPTError(
                     f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.backend not in ("", "auto", "reference", "fused"):
-            raise FastGPTError(f"backend must be auto, reference or fused, got {self.backend!r}")
+        if self.backend:
+            parse_backend(self.backend)  # raises, naming the bad part
         if self.lr_schedule not in ("constant", "cosine"):
             raise FastGPTError(
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
@@ -131,7 +132,8 @@ FIELD_HELP = {
     "eval_batches": "batches of each split per eval (at most)",
     "log_interval": "steps between train-loss records in metrics.jsonl",
     "patience": "stop after this many evals without a better val loss (0: off)",
-    "backend": "auto | reference | fused for every op (empty: $FASTGPT_BACKEND, else auto)",
+    "backend": "auto | reference | fused for every op, or per op: cross_entropy=fused,"
+               "adamw=reference (others auto); empty: $FASTGPT_BACKEND, else auto",
 }
 
 

@@ -153,7 +153,7 @@ def _adamw_rows(device: torch.device) -> list[Row]:
     return rows
 
 
-def _training_step_rows(device: torch.device, available: dict) -> list[Row]:
+def _training_step_rows(device: torch.device) -> list[Row]:
     from fastgpt import ops
     from fastgpt.model import GPT
     from fastgpt.optim import AdamW, param_groups
@@ -165,19 +165,17 @@ def _training_step_rows(device: torch.device, available: dict) -> list[Row]:
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 512, batch, generator=generator).to(device)
     targets = torch.randint(0, 512, batch, generator=generator).to(device)
-    def pick(op: str, path: str) -> str:  # the fused run uses each kernel that can run here
-        return "fused" if path == "fused" and available[op][0] else "reference"
-
     runs = {}
     for path in ("reference", "fused"):
         torch.manual_seed(0)
+        # the fused run takes every kernel that can run here, the reference the rest
+        previous = ops.set_backend("reference" if path == "reference"
+                                   else ops.fused_where_available())
         model = GPT(**sizes).to(device)
-        optimizer = AdamW(param_groups(model, 0.01), lr=lr, backend=pick("adamw", path))
-        # attention follows the process default: "auto" takes its kernel on CUDA tensors
-        previous = ops.set_backend("reference" if path == "reference" else "auto")
+        optimizer = AdamW(param_groups(model, 0.01), lr=lr)
         first = None
         for _ in range(steps):
-            loss = model.loss(idx, targets, backend=pick("cross_entropy", path))
+            loss = model.loss(idx, targets)
             loss.backward()
             if first is None:
                 first = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -218,7 +216,7 @@ def verify(print_fn=print) -> int:
     if available["adamw"][0]:
         rows += _adamw_rows(device)
     if any(ok for ok, _ in available.values()):
-        rows += _training_step_rows(device, available)
+        rows += _training_step_rows(device)
 
     header = (f"{'op':<28} {'dtype':<9} {'shape':<11} {'max abs err':>11} {'max rel err':>11} "
               f"{'tol':>9}  result")

@@ -297,6 +297,40 @@ def test_process_default_backend(monkeypatch):
         ops.get_backend()
 
 
+def test_a_per_op_default_backend(monkeypatch):
+    assert ops.parse_backend("fused") == dict.fromkeys(ops.KERNELS, "fused")
+    assert ops.parse_backend(" cross_entropy = fused , adamw=reference") == {
+        "cross_entropy": "fused", "adamw": "reference", "causal_attention": "auto"}
+    monkeypatch.setenv("FASTGPT_BACKEND", "cross_entropy=reference")
+    assert ops.get_backend("cross_entropy") == "reference"
+    assert ops.get_backend("adamw") == "auto"
+    logits, targets = random_case(4, 7, torch.float32)
+    fused_calls = []
+    monkeypatch.setattr("fastgpt.ops.triton_ce.FusedCrossEntropy.apply",
+                        lambda *a: fused_calls.append(1) or torch.zeros(()))
+    previous = ops.set_backend("adamw=reference,cross_entropy=fused")
+    try:
+        ops.cross_entropy(logits, targets)  # the per-op default picks the kernel
+        assert fused_calls == [1]
+        assert ops.resolve_backend("adamw", None, logits.device) == "reference"
+    finally:
+        ops.set_backend(previous)
+    for bad, message in (("attention=fused", "unknown op 'attention'"),
+                         ("adamw=fast", "backend for adamw must be one of")):
+        with pytest.raises(FastGPTError, match=message):
+            ops.set_backend(bad)
+    assert ops.get_backend() == "cross_entropy=reference"  # a refused spec changes nothing
+
+
+def test_fused_where_available_names_the_kernels_that_run_here(monkeypatch):
+    monkeypatch.setattr(ops, "available", lambda: {
+        "cross_entropy": (True, ""), "adamw": (False, "no"), "causal_attention": (False, "")})
+    assert ops.fused_where_available() == "cross_entropy=fused"
+    assert ops.parse_backend(ops.fused_where_available())["adamw"] == "auto"
+    monkeypatch.setattr(ops, "available", lambda: dict.fromkeys(ops.KERNELS, (False, "")))
+    assert ops.fused_where_available() == "reference"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU without the interpreter")
 def test_fused_on_cpu_without_the_interpreter_says_why(tmp_path):
     code = ("import torch; from fastgpt import ops\n"

@@ -6,6 +6,8 @@ Each op takes `backend`:
   "reference"  always the reference (fastgpt/ops/reference.py);
   "fused"      the kernel, or a BackendUnavailable error that says why it cannot run.
   None         the process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto".
+The default is one of those names for every op, or a per-op list such as
+"cross_entropy=fused,adamw=reference" (ops not named: "auto").
 
 The Triton kernel also runs on CPU tensors through Triton's interpreter when
 TRITON_INTERPRET=1 is set before fastgpt's kernels are imported (slow: for tests).
@@ -47,20 +49,49 @@ def _check_backend(backend: str, source: str = "backend") -> str:
     return backend
 
 
-def set_backend(backend: str | None) -> str | None:
-    """Set the process-wide default backend (None: back to $FASTGPT_BACKEND or "auto").
-    Returns the previous setting, so a caller can restore it."""
+def parse_backend(spec: str, source: str = "backend") -> dict[str, str]:
+    """{op: backend} for every op from "auto" | "reference" | "fused" (all ops) or
+    "op=backend,op=backend" (the ops not named: "auto")."""
+    if "=" not in spec:
+        return dict.fromkeys(KERNELS, _check_backend(spec.strip(), source))
+    chosen = dict.fromkeys(KERNELS, "auto")
+    for item in spec.split(","):
+        op, _, backend = item.partition("=")
+        op = op.strip()
+        if op not in KERNELS:
+            raise UnknownBackend(f"{source}: unknown op {op!r} in {spec!r}; the ops are "
+                                 f"{', '.join(KERNELS)}")
+        chosen[op] = _check_backend(backend.strip(), f"{source} for {op}")
+    return chosen
+
+
+def set_backend(spec: str | None) -> str | None:
+    """Set the process-wide default (see parse_backend; None: back to $FASTGPT_BACKEND or
+    "auto"). Returns the previous setting, so a caller can restore it."""
     global _default_backend
     previous = _default_backend
-    _default_backend = None if backend is None else _check_backend(backend)
+    if spec is not None:
+        parse_backend(spec)
+    _default_backend = spec
     return previous
 
 
-def get_backend() -> str:
-    """The process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto"."""
+def get_backend(op: str | None = None) -> str:
+    """The process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto"; for
+    `op`, that op's backend in it."""
     if _default_backend is not None:
-        return _default_backend
-    return _check_backend(os.environ.get("FASTGPT_BACKEND") or "auto", "FASTGPT_BACKEND")
+        spec, source = _default_backend, "backend"
+    else:
+        spec, source = os.environ.get("FASTGPT_BACKEND") or "auto", "FASTGPT_BACKEND"
+    chosen = parse_backend(spec, source)
+    return spec if op is None else chosen[op]
+
+
+def fused_where_available() -> str:
+    """The backend spec that takes every fused kernel able to run here and the reference
+    for the rest (e.g. to run the kernels through the interpreter on a CPU)."""
+    ok = [op for op, (runs, _) in available().items() if runs]
+    return ",".join(f"{op}=fused" for op in ok) if ok else "reference"
 
 
 def triton_interpreting() -> bool:
@@ -135,7 +166,7 @@ def _fused_runs_on(op: str, device: torch.device) -> bool:
 
 def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
     """The backend that will run `op` on tensors on `device`: "reference" or "fused"."""
-    backend = get_backend() if backend is None else _check_backend(backend)
+    backend = get_backend(op) if backend is None else _check_backend(backend)
     if backend == "reference":
         return "reference"
     ok, why = status(op)
