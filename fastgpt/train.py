@@ -91,6 +91,26 @@ def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size:
     return losses
 
 
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, batches: Iterator,
+               device: torch.device, grad_accum: int = 1, bf16: bool = False) -> torch.Tensor:
+    """One optimizer step: grad_accum micro-batches (x, y) from `batches`, each forward
+    (loss / grad_accum) and backward, then optimizer.step() (which clips, for fastgpt's
+    AdamW with max_grad_norm) and zero_grad. Returns the step's loss, a float32 scalar on
+    `device`: reading it waits for the device, so the loop reads it only when it logs."""
+    step_loss = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        x, y = next(batches)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            loss = model.loss(x, y) / grad_accum
+        loss.backward()
+        step_loss += loss.detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 class BatchStream:
     """Endless shuffled training batches, epoch after epoch, that can be saved and resumed.
 
@@ -117,10 +137,17 @@ class BatchStream:
         self.batch += 1
         return batch
 
+    # How the order is drawn (data.ShuffledBatches); before it, a torch DataLoader drew it.
+    SAMPLER = "randperm-1"
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "generator": self._epoch_start}
+        return {"epoch": self.epoch, "batch": self.batch, "generator": self._epoch_start,
+                "sampler": self.SAMPLER}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sampler") != self.SAMPLER:
+            log("this checkpoint's data order was drawn by an older fastgpt: the batches "
+                "after the resume differ from those the uninterrupted run would have seen")
         self.generator.set_state(state["generator"])
         self.epoch, self.batch, self._iterator = state["epoch"], 0, None
         for _ in range(state["batch"]):
@@ -314,17 +341,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for _ in range(config.grad_accum):
-                x, y = next(batches)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with autocast(device, config.bf16):
-                    loss = model.loss(x, y) / config.grad_accum
-                loss.backward()
-                step_loss += loss.detach()
-            optimizer.step()  # clips to config.grad_clip inside the step
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(model, optimizer, batches, device, config.grad_accum,
+                                   config.bf16)
             step += 1
             tokens_seen += tokens_per_step
             window_steps += 1

@@ -492,3 +492,22 @@ def test_loader_drop_last():
     assert [x.shape[0] for x, _ in kept] == [8] * 5 + [6]
     starts = sorted(torch.cat([x[:, 0] for x, _ in kept]).tolist())
     assert starts == list(range(46))  # every window exactly once per epoch
+
+
+def test_batch_reads_the_same_windows_as_items():
+    ds = NextTokenDataset((np.arange(300, dtype=np.uint16) * 7) % 512, context_length=9)
+    starts = torch.tensor([0, 13, 290, 5, 290])  # the last window, and one twice
+    x, y = ds.batch(starts)
+    assert x.shape == y.shape == (5, 9) and x.is_contiguous() and y.is_contiguous()
+    for row, i in enumerate(starts.tolist()):
+        assert torch.equal(x[row], ds[i][0]) and torch.equal(y[row], ds[i][1])
+
+
+def test_loader_draws_one_randperm_per_pass():
+    ds = NextTokenDataset(np.arange(50, dtype=np.uint16), context_length=4)
+    loader = make_loader(ds, 8, torch.Generator().manual_seed(3), drop_last=False)
+    first, second = list(loader), list(loader)  # the generator moves on between passes
+    order = torch.randperm(46, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([x[:, 0] for x, _ in first]), order)
+    assert not torch.equal(torch.cat([x[:, 0] for x, _ in second]), order)
+    assert len(loader) == 6 and len(make_loader(ds, 8, torch.Generator())) == 5

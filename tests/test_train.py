@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,7 +40,8 @@ def test_training_learns_and_writes_its_outputs(tmp_path, corpus_file):
     evals = records(run_dir, "eval")
     assert [e[0] for e in evals] == [0, 20, 40]  # the eval at step 0 comes before any update
     assert abs(evals[0][2] - math.log(512)) < 0.05  # the untrained model's bound (test_model)
-    assert evals[-1][2] < evals[0][2] - 1.0  # 40 steps on real text: clearly learning
+    # 40 steps on real text: clearly learning (seeds 1337, 1, 2, 3 drop 0.93-1.14 nats)
+    assert evals[-1][2] < evals[0][2] - 0.75
     assert summary["step"] == 40 and summary["stopped"] == "max_steps"
     assert summary["val_loss"] == evals[-1][2]
     assert [r[0] for r in records(run_dir, "train")] == list(range(1, 41))
@@ -303,3 +305,19 @@ def test_backend_field_sets_the_process_default_for_the_run(tmp_path, corpus_fil
             train(tiny_config(tmp_path / "runs", corpus_file, name="f", max_steps=1,
                               backend="fused"))
         assert ops.get_backend() == "auto"
+
+
+def test_a_data_position_from_the_old_sampler_resumes_with_a_warning(capsys):
+    from fastgpt.data import NextTokenDataset
+    from fastgpt.train import BatchStream
+
+    stream = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
+    next(stream)
+    state = stream.state_dict()
+    resumed = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)[0], next(stream)[0])
+    assert "older fastgpt" not in capsys.readouterr().out
+    del state["sampler"]  # as a checkpoint written before data.ShuffledBatches
+    resumed.load_state_dict(state)
+    assert "drawn by an older fastgpt" in capsys.readouterr().out
