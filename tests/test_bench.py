@@ -47,3 +47,112 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
     assert result.stderr.strip().splitlines() == [
         "gpu_check: no CUDA GPU is visible to torch here; this check needs one "
         "(run pytest for the CPU checks)"]
+
+
+def _import_bench(name):
+    """A bench/ script as a module (bench/ holds timing.py, which the scripts import)."""
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+def test_train_benchmark_cpu_mode(tmp_path):
+    out = tmp_path / "train.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny",
+                             "--steps", "2", "--runs", "1", "--warmup", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU: timing on the CPU (variants 1, 2 and the inline baseline)" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["1", "2", "inline"]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["mfu"] > 0 and r["steps"] == 3
+        assert r["tokens_per_s"] == pytest.approx(8 * 64 / (r["ms_per_step"] / 1e3))
+        assert r["val_loss"] < r["untrained_val_loss"]  # 3 steps at lr 3e-4 already learn
+    assert rows[0]["loss_drift_vs_1"] == 0.0
+    assert abs(rows[1]["loss_drift_vs_1"]) <= 0.01
+
+
+def test_train_benchmark_flops_per_token_counts_like_nanogpt():
+    bench_train = _import_bench("bench_train")
+    from fastgpt.model import GPT
+
+    sizes = bench_train.CONFIGS["seed"]
+    model = GPT(**{k: v for k, v in sizes.items() if k != "batch_size"})
+    non_embedding = 11_132_672 - 512 * 384 - 256 * 384
+    assert bench_train.flops_per_token(model, sizes) == 6 * non_embedding + 12 * 6 * 384 * 256
+
+
+def test_train_benchmark_fails_loudly_when_a_variant_learns_wrong(monkeypatch, capsys):
+    bench_train = _import_bench("bench_train")
+    build = bench_train.build_variant
+
+    def build_with_a_wrong_variant_2(name, sizes, device, train_ids):
+        model, step = build(name, sizes, device, train_ids)
+        if name != "2":
+            return model, step
+
+        def wrong_step():  # as if a kernel's gradient were 30x too large
+            loss = step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.05)
+            return loss
+        return model, wrong_step
+
+    monkeypatch.setattr(bench_train, "build_variant", build_with_a_wrong_variant_2)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--configs", "tiny", "--device", "cpu",
+                                      "--variants", "1", "2", "--steps", "1", "--runs", "1",
+                                      "--warmup", "1"])
+    assert bench_train.main() == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "tiny/2: val loss" in err and "from variant 1's" in err
+
+
+def test_quality_trains_both_backends_and_compares_them(tmp_path, corpus_file):
+    out_dir = tmp_path / "quality"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--presets", "cpu", "--corpus",
+         str(corpus_file), "--no-cpu-extension", "--out-dir", str(out_dir), "--set",
+         "max_steps=4", "eval_interval=2", "eval_batches=2", "context_length=16", "d_model=32",
+         "num_layers=1", "batch_size=8"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads((out_dir / "quality.json").read_text())
+    (r,) = data["results"]
+    assert r["fused_backend"].startswith("cross_entropy=fused")
+    assert list(r["reference_curve"]) == list(r["fused_curve"]) == ["0", "2", "4"]
+    assert r["passed"] and abs(r["relative_difference"]) <= 0.01
+    assert r["reference_final"] < r["reference_curve"]["0"]  # it learned something
+    assert (out_dir / "quality.png").stat().st_size > 0
+    assert "| 4 |" in (out_dir / "quality.md").read_text()
+    for path in ("reference", "fused"):
+        assert (out_dir / f"cpu-{path}" / "metrics.jsonl").exists()
+
+
+def test_quality_catches_a_kernel_that_learns_wrong(tmp_path, corpus_file, monkeypatch):
+    quality = _import_bench("quality")
+    from fastgpt.ops import reference
+
+    def wrong_kernel(logits, targets, ignore_index, reduction, *rest):  # 5% too much loss
+        return 1.05 * reference.cross_entropy(logits, targets, ignore_index=ignore_index,
+                                              reduction=reduction)
+
+    monkeypatch.setattr("fastgpt.ops.triton_ce.FusedCrossEntropy.apply", wrong_kernel)
+    monkeypatch.setattr(sys, "argv", [
+        "quality.py", "--presets", "cpu", "--corpus", str(corpus_file), "--no-cpu-extension",
+        "--out-dir", str(tmp_path / "q"), "--set", "max_steps=2", "eval_interval=2",
+        "eval_batches=2", "context_length=16", "d_model=32", "num_layers=1", "batch_size=8"])
+    assert quality.main() == 1
+    assert "**FAIL**" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_quality_refuses_overrides_it_sets_itself(monkeypatch, capsys):
+    quality = _import_bench("quality")
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--set", "backend=reference"])
+    assert quality.main() == 2
+    assert "--set backend=... is chosen by quality.py itself" in capsys.readouterr().err
