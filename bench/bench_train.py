@@ -337,7 +337,8 @@ def main() -> int:
         for row in measure(args.variants, sizes, device, data, args, failures, config):
             name = row["variant"]
             row.update(config=config, card=card, mfu=per_token * row["tokens_per_s"] / peak,
-                       untrained_val_loss=untrained)
+                       flops_per_token=per_token, peak_tflops=peak / 1e12,
+                       peak_dtype=peak_dtype, untrained_val_loss=untrained)
             if name == "1":
                 reference_loss = row["val_loss"]
             drift = (None if reference_loss is None

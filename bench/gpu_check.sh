@@ -70,9 +70,7 @@ fi
 step "fastgpt verify" "$PYTHON" -m fastgpt verify
 step "bench cross_entropy" "$PYTHON" bench/bench_cross_entropy.py --out "$stem-cross_entropy.json"
 step "bench adamw" "$PYTHON" bench/bench_adamw.py --out "$stem-adamw.json"
-if [ -f bench/bench_train.py ]; then
-  step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
-fi
+step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
 
 # the report: environment, the summary, then each step's output
 env_json=$("$PYTHON" - <<'EOF'
@@ -109,6 +107,15 @@ names, results, seconds = sys.argv[1].split('|'), sys.argv[2].split('|'), sys.ar
 print(json.dumps([{'step': n, 'result': r, 'seconds': int(s)} for n, r, s in zip(names, results, seconds)]))
 " "$(IFS='|'; echo "${names[*]}")" "$(IFS='|'; echo "${results[*]}")" "$(IFS='|'; echo "${seconds[*]}")")
 echo "{\"environment\": $env_json, \"steps\": $steps_json, \"failed\": $failed}" > "$stem.json"
+results=()
+for name in cross_entropy adamw train; do
+  [ -f "$stem-$name.json" ] && results+=("$stem-$name.json")
+done
+tables=""
+if [ ${#results[@]} -gt 0 ]; then
+  tables=$("$PYTHON" bench/report.py "${results[@]}" 2>&1)
+fi
+commit=$("$PYTHON" -c "import json, sys; print(json.loads(sys.argv[1])['commit'][:12])" "$env_json")
 {
   echo "# GPU check: $gpu, $(date -u +%Y-%m-%d)"
   echo
@@ -118,6 +125,10 @@ echo "{\"environment\": $env_json, \"steps\": $steps_json, \"failed\": $failed}"
   echo "|---|---|---|"
   printf '%s' "$summary"
   echo
+  echo "## Results"
+  echo
+  echo "$tables"
+  echo
   echo "Full output (the log of every step):"
   echo
   echo '```'
@@ -125,8 +136,24 @@ echo "{\"environment\": $env_json, \"steps\": $steps_json, \"failed\": $failed}"
   echo '```'
 } > "$stem.md"
 
+# the latest run's tables are the published ones
+{
+  echo "# Results"
+  echo
+  echo "The latest \`bash bench/gpu_check.sh\` run: $gpu, $(date -u +%Y-%m-%d), commit"
+  echo "\`$commit\`$([ "$(echo "$env_json" | grep -c '"dirty": true')" = 1 ] && echo " (with uncommitted changes)")."
+  echo "Its full report, with every step's output: [$(basename "$stem").md]($(basename "$stem").md)."
+  echo "Loss quality (\`bench/quality.py\`) is a separate, longer run; see bench/README.md."
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+  printf '%s' "$summary"
+  echo
+  echo "$tables"
+} > bench/results/README.md
+
 echo
-echo "wrote $stem.md, $stem.json (and per-benchmark JSON beside them)"
+echo "wrote $stem.md, $stem.json (and per-benchmark JSON beside them), bench/results/README.md"
 echo "| step                       | res  |  time   |"
 printf '%s' "$summary"
 [ "$failed" -eq 0 ]

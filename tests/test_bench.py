@@ -156,3 +156,39 @@ def test_quality_refuses_overrides_it_sets_itself(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["quality.py", "--set", "backend=reference"])
     assert quality.main() == 2
     assert "--set backend=... is chosen by quality.py itself" in capsys.readouterr().err
+
+
+def test_report_renders_gpu_shaped_results(tmp_path):
+    # The keys are those the benchmarks write on a GPU; the numbers only test the layout.
+    report = _import_bench("report")
+    ce = {"benchmark": "cross_entropy", "device": "GPU", "torch": "2.x", "cuda": "13.0",
+          "reps": 20, "rows": [{"dtype": "bfloat16", "N": 8192, "V": 512, "fused_ms": 0.5,
+                                "fused_peak_bytes": 2**20, "eager_ms": 1.0,
+                                "eager_peak_bytes": 2**21, "compiled_ms": 0.75,
+                                "compiled_peak_bytes": 2**20, "reference_ms": 2.0,
+                                "reference_peak_bytes": 2**22}]}
+    adamw = {"benchmark": "adamw", "device": "GPU", "torch": "2.x", "cuda": "13.0", "reps": 50,
+             "rows": [{"set": "seed (11.1M)", "parameters": 11132672, "tensors": 84,
+                       "clip": True, "fastgpt_ms": 0.1, "for-loop_ms": 2.0, "foreach_ms": 0.4,
+                       "fused_ms": 0.2, "fastgpt_GBps": 3000.0}]}
+    paths = []
+    for result in (ce, adamw):
+        paths.append(tmp_path / f"{result['benchmark']}.json")
+        paths[-1].write_text(json.dumps(result))
+    text = report.render(paths)
+    assert "| bfloat16 | 512 | 0.500 | 1.000 | 0.750 | 2.000 | 2.00x | 1.50x | 1.0 | 2.0 |" in text
+    assert "| seed (11.1M) | yes | 0.100 | 2.000 | 0.400 | 0.200 | 2.00x | 4.00x | 3000 |" in text
+
+
+def test_report_renders_the_cpu_train_benchmark(tmp_path):
+    out = tmp_path / "train.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny",
+                             "--variants", "1", "--steps", "1", "--runs", "1", "--warmup", "0",
+                             "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shown = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "| tiny | 1 | chapter loop, fp32, reference ops | `reference` |" in shown.stdout
+    assert "float32 matmul peak measured in the run" in shown.stdout
