@@ -87,7 +87,7 @@ def train(result: dict) -> list[str]:
             f"variant; ms: median of {result['reps']} runs; val loss: the weights after them, "
             f"by one fp32 reference evaluator; MFU: 6N + 12LdT FLOPs per token against the "
             f"{first['peak_dtype']} matmul peak measured in the run, "
-            f"{first['peak_tflops']:.1f} TFLOP/s):", ""] + _table(header, body)
+            f"{first['peak_tflops']:.3g} TFLOP/s):", ""] + _table(header, body)
 
 
 RENDER = {"cross_entropy": cross_entropy, "adamw": adamw, "train": train}
