@@ -3,7 +3,8 @@ checkpoint can never run code.
 
 A checkpoint is a dict of tensors and plain Python values:
   format, step, config (TrainConfig as a dict), model, optimizer (state_dicts),
-  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (torch and cuda RNG states),
+  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (torch and cuda RNG states; under
+  torchrun rank 0's, and every rank's in a list "ranks"),
   data_position (see train.BatchStream), best_val_loss, evals_since_best, tokens_seen
 """
 

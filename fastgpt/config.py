@@ -49,6 +49,7 @@ class TrainConfig:
     log_interval: int = 10
     patience: int = 0
     backend: str = ""
+    dist_timeout: float = 600.0
 
     def validate(self) -> None:
         """Raise FastGPTError naming the first field that makes no sense."""
@@ -67,7 +68,7 @@ class TrainConfig:
                 f"{MAX_VOCAB_SIZE} (tokens are stored as uint16), got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ["lr", "eps"]:
+        for name in ["lr", "eps", "dist_timeout"]:
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise FastGPTError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ["beta1", "beta2"]:
@@ -134,6 +135,8 @@ FIELD_HELP = {
     "patience": "stop after this many evals without a better val loss (0: off)",
     "backend": "auto | reference | fused for every op, or per op: cross_entropy=fused,"
                "adamw=reference (others auto); empty: $FASTGPT_BACKEND, else auto",
+    "dist_timeout": "under torchrun: seconds a rank waits for the others in a collective "
+                    "before the run stops with an error",
 }
 
 

@@ -75,6 +75,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                    backend: str | None = None) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against targets (B, T) int64, through fastgpt.ops."""
+    return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction,
+                             backend=backend)
+
+
 class GPT(nn.Module):
     def __init__(self, vocab_size: int = 512, context_length: int = 256, d_model: int = 384,
                  num_heads: int = 6, num_layers: int = 6, dropout: float = 0.1):
@@ -116,9 +123,7 @@ class GPT(nn.Module):
              backend: str | None = None) -> torch.Tensor:
         """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64.
         backend None: the process default (fastgpt.ops.get_backend())."""
-        logits = self(idx)
-        return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction,
-                                 backend=backend)
+        return next_token_loss(self(idx), targets, reduction, backend)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,18 +22,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastgpt import FastGPTError, ops
+from fastgpt import FastGPTError, distributed, ops
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.data import NextTokenDataset, load_corpus, make_loader, prepare
 from fastgpt.fileio import atomic_open, write_atomic
-from fastgpt.model import GPT
+from fastgpt.model import GPT, next_token_loss
 from fastgpt.optim import AdamW, param_groups
 from fastgpt.tokenizer import Tokenizer
 
 
+_quiet = False  # set on the ranks other than 0 of a distributed run: only rank 0 prints
+
+
 def log(message: str) -> None:
-    tqdm.write(message)  # prints above the progress bar instead of through it
+    if not _quiet:
+        tqdm.write(message)  # prints above the progress bar instead of through it
 
 
 def pick_device(spec: str) -> torch.device:
@@ -70,10 +74,12 @@ def autocast(device: torch.device, bf16: bool):
 @torch.no_grad()
 def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size: int,
                   eval_batches: int, device: torch.device, seed: int,
-                  bf16: bool = False) -> dict[str, float]:
+                  bf16: bool = False, ctx: distributed.Context = distributed.SINGLE
+                  ) -> dict[str, float]:
     """Mean next-token loss per split over up to eval_batches batches, in eval mode (no
     dropout). The batches come from a generator seeded with `seed`: every eval sees the
-    same ones, so evals are comparable and consume no training randomness."""
+    same ones, so evals are comparable and consume no training randomness. In a
+    distributed run the ranks share the batches out and sum their totals."""
     was_training = model.training
     model.eval()
     losses = {}
@@ -81,30 +87,39 @@ def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size:
         loader = make_loader(dataset, batch_size, torch.Generator().manual_seed(seed),
                              drop_last=False)
         total, count = 0.0, 0
-        for _, (x, y) in zip(range(eval_batches), loader):
+        for i, (x, y) in zip(range(eval_batches), loader):
+            if i % ctx.world_size != ctx.rank:
+                continue
             x, y = x.to(device), y.to(device)
             with autocast(device, bf16):
                 total += model.loss(x, y, reduction="sum").item()
             count += y.numel()
-        losses[split] = total / count
+        sums = distributed.all_reduce_sum(
+            ctx, torch.tensor([total, count], dtype=torch.float64, device=device))
+        losses[split] = (sums[0] / sums[1]).item()
     model.train(was_training)
     return losses
 
 
-def train_step(model: GPT, optimizer: torch.optim.Optimizer, batches: Iterator,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
                device: torch.device, grad_accum: int = 1, bf16: bool = False) -> torch.Tensor:
     """One optimizer step: grad_accum micro-batches (x, y) from `batches`, each forward
     (loss / grad_accum) and backward, then optimizer.step() (which clips, for fastgpt's
-    AdamW with max_grad_norm) and zero_grad. Returns the step's loss, a float32 scalar on
-    `device`: reading it waits for the device, so the loop reads it only when it logs."""
+    AdamW with max_grad_norm) and zero_grad. `model` is a GPT or a DistributedDataParallel
+    around one (which then averages the gradients over the ranks on the last micro-batch
+    only). Returns the step's loss, a float32 scalar on `device`: reading it waits for the
+    device, so the loop reads it only when it logs."""
     step_loss = torch.zeros((), device=device)
-    for _ in range(grad_accum):
+    for i in range(grad_accum):
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with autocast(device, bf16):
-            loss = model.loss(x, y) / grad_accum
-        loss.backward()
+        last = i == grad_accum - 1
+        with (model.no_sync() if hasattr(model, "no_sync") and not last
+              else contextlib.nullcontext()):
+            with autocast(device, bf16):
+                loss = next_token_loss(model(x), y) / grad_accum
+            loss.backward()
         step_loss += loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -203,18 +218,38 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     ("max_steps", "early_stop" or the signal's name). progress=None shows the tqdm bar only
     on a terminal. SIGINT/SIGTERM are caught from the start: during preparation they take
     effect after the first step.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group,
+    trains its share of each batch with DistributedDataParallel, and leaves the group at
+    the end; only rank 0 prints and writes (see fastgpt/distributed.py).
     """
+    global _quiet
     config.validate()
     previous_backend = ops.set_backend(config.backend or None)
+    ctx, device = distributed.SINGLE, None
     try:
+        if distributed.launched():
+            ctx, device = distributed.setup(config.device, config.dist_timeout)
+            _quiet = not ctx.is_main
         with StopSignals() as signals:
-            return _train(config, resume, progress, signals)
+            return _train(config, resume, progress, signals, ctx, device)
+    except RuntimeError as exc:  # NCCL's DistBackendError, gloo's plain RuntimeError
+        text = str(exc).strip()
+        if not (ctx.enabled and (isinstance(exc, torch.distributed.DistError)
+                                 or "gloo" in text.lower() or "nccl" in text.lower())):
+            raise
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        raise FastGPTError(f"rank {ctx.rank}: a collective with the other ranks failed "
+                           f"({first}); another rank has probably stopped: see its output") from None
     finally:
+        _quiet = False
         ops.set_backend(previous_backend)
+        if ctx.enabled:
+            distributed.teardown()
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool | None,
-           signals: StopSignals) -> dict:
+def _train(config: TrainConfig, resume: bool, progress: bool | None, signals: StopSignals,
+           ctx: distributed.Context, device: torch.device | None) -> dict:
     run_dir = Path(config.runs_dir) / config.name
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     metrics_path = run_dir / "metrics.jsonl"
@@ -231,7 +266,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
                            f"or start another with --name NEW_NAME")
 
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    device = device or pick_device(config.device)
+    if not ctx.is_main:  # rank 0 downloads, tokenizes and caches first; the others read
+        distributed.barrier(ctx, device)
     corpus_spec = config.corpus
     if checkpoint and corpus_spec == "auto":
         corpus_spec = checkpoint["corpus"]["name"]  # what "auto" chose when the run began
@@ -242,6 +279,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
                            f"(sha256 {corpus.sha256[:12]}… now, "
                            f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
     data = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer, log=log)
+    if ctx.is_main:
+        distributed.barrier(ctx, device)
     tokenizer = data.tokenizer
     datasets = {"train": NextTokenDataset(data.train_ids, config.context_length, "train"),
                 "val": NextTokenDataset(data.val_ids, config.context_length, "val")}
@@ -250,11 +289,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
                            f"batch_size={config.batch_size}: use a larger corpus or a smaller batch")
 
     model = GPT(**config.model_kwargs()).to(device)
+    if ctx.rank > 0:  # rank 0 continues the seed's stream, as one process would
+        torch.manual_seed(config.seed + ctx.rank)  # the others draw their own dropout masks
+    trained = model  # what the step runs: the GPT, or DDP around it
+    if ctx.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = AdamW(param_groups(model, config.weight_decay, config.weight_decay_all),
                       lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                       max_grad_norm=config.grad_clip or None)
     batches = BatchStream(datasets["train"], config.batch_size, config.seed,
                           pin_memory=device.type == "cuda")
+    shares = distributed.Shares(batches, config.batch_size, config.grad_accum, ctx)
     step, tokens_seen, best_val, evals_since_best = 0, 0, math.inf, 0
     if checkpoint:
         try:
@@ -270,21 +316,24 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             group.update(betas=(config.beta1, config.beta2), eps=config.eps,
                          weight_decay=decay["weight_decay"])
         batches.load_state_dict(checkpoint["data_position"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
+        _restore_rng(checkpoint["rng"], ctx, device, config.seed + ctx.rank + 1_000_003 * step)
         best_val, evals_since_best = checkpoint["best_val_loss"], checkpoint["evals_since_best"]
-        _truncate_metrics(metrics_path, step)
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, step)
         log(f"resuming {run_dir} at step {step}")
-    else:
+    elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)  # left by a run that never wrote a checkpoint
     n_params = model.num_parameters()
     run_info = {"config": config.to_dict(), "corpus": corpus.name, "corpus_sha256": corpus.sha256,
                 "tokenizer_sha256": tokenizer.sha256, "parameters": n_params,
-                "device": str(device), "torch": torch.__version__}
-    write_atomic(run_dir / "config.json", (json.dumps(run_info, indent=2) + "\n").encode())
+                "device": str(device), "world_size": ctx.world_size, "torch": torch.__version__}
+    if ctx.is_main:
+        write_atomic(run_dir / "config.json", (json.dumps(run_info, indent=2) + "\n").encode())
+    if ctx.enabled:
+        log(f"data parallel over {ctx.world_size} ranks ({distributed.backend_for(device)}): each takes "
+            f"{shares.accum} micro-batch(es) of {shares.micro_batch} sequences per step")
     log(f"{n_params:,} parameters on {device}; corpus {corpus.name} "
         f"(sha256 {corpus.sha256[:12]}…), {data.meta['n_train']:,} train / "
         f"{data.meta['n_val']:,} val tokens; untrained loss should be near "
@@ -295,8 +344,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             "step": step, "config": config.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "tokenizer": tokenizer.to_json(),
             "corpus": {"name": corpus.name, "sha256": corpus.sha256},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+            "rng": _rng_state(ctx, device),
             "data_position": batches.state_dict(), "best_val_loss": best_val,
             "evals_since_best": evals_since_best, "tokens_seen": tokens_seen,
         }
@@ -304,22 +352,24 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
     def evaluate() -> dict[str, float]:
         nonlocal best_val, evals_since_best
         losses = estimate_loss(model, datasets, config.batch_size, config.eval_batches, device,
-                               seed=config.seed + 1, bf16=config.bf16)
+                               seed=config.seed + 1, bf16=config.bf16, ctx=ctx)
         if not all(math.isfinite(v) for v in losses.values()):
             raise NonFiniteLoss(f"eval loss is not finite at step {step} ({losses}); stopped. "
                                 + _last_good(last_path))
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         evals_since_best = 0 if improved else evals_since_best + 1
-        _append_metrics(metrics_path, {
-            "kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-            "lr": lr_at(max(step - 1, 0), config), "tokens_seen": tokens_seen,
-            "elapsed_s": round(time.perf_counter() - start_time, 3)}, sync=True)
-        plot_losses(metrics_path, run_dir / "loss.png", config.vocab_size)
-        state = checkpoint_state()
-        save_checkpoint(last_path, state)
-        if improved:
-            save_checkpoint(best_path, state)
+        state = checkpoint_state()  # on every rank: it gathers the ranks' RNG states
+        if ctx.is_main:
+            _append_metrics(metrics_path, {
+                "kind": "eval", "step": step, "train_loss": losses["train"],
+                "val_loss": losses["val"], "lr": lr_at(max(step - 1, 0), config),
+                "tokens_seen": tokens_seen,
+                "elapsed_s": round(time.perf_counter() - start_time, 3)}, sync=True)
+            plot_losses(metrics_path, run_dir / "loss.png", config.vocab_size)
+            save_checkpoint(last_path, state)
+            if improved:
+                save_checkpoint(best_path, state)
         log(f"step {step:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
             + (" (best)" if improved else ""))
         return losses
@@ -334,14 +384,15 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             f"pass a larger --max_steps with --resume to train further")
     tokens_per_step = config.batch_size * config.grad_accum * config.context_length
     bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+               disable=(None if progress is None else not progress) if ctx.is_main else True)
     window_start, window_steps = time.perf_counter(), 0
+    stop_requested = False
     with bar:
         while step < config.max_steps:
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = train_step(model, optimizer, batches, device, config.grad_accum,
+            step_loss = train_step(trained, optimizer, shares, device, shares.accum,
                                    config.bf16)
             step += 1
             tokens_seen += tokens_per_step
@@ -349,12 +400,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             bar.update(1)
 
             log_now = step % config.log_interval == 0 or step == config.max_steps
-            if log_now or signals.received:  # not every step: .item() waits for the GPU
-                value = step_loss.item()
+            # Not every step: .item() waits for the GPU. Several ranks look at the same
+            # steps, so they agree on the loss, a NaN and a stop request (a signal that
+            # reached any of them).
+            if log_now or (signals.received and not ctx.enabled):
+                totals = distributed.all_reduce_sum(ctx, torch.stack([
+                    step_loss.float(), torch.tensor(float(signals.received is not None),
+                                                    device=device)])).tolist()
+                value, stop_requested = totals[0] / ctx.world_size, totals[1] > 0
                 if not math.isfinite(value):
                     raise NonFiniteLoss(f"training loss is {value} at step {step}; stopped. "
                                         + _last_good(last_path))
-            if log_now:
+            if log_now and ctx.is_main:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 window_start, window_steps = time.perf_counter(), 0
@@ -368,11 +425,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
                     stopped = "early_stop"
                     log(f"early stop: val loss has not improved for {config.patience} evals")
                     break
-            if signals.received:
-                stopped = signals.received
+            if stop_requested:
+                stopped = signals.received or "a signal to another rank"
                 if step % config.eval_interval and step != config.max_steps:
-                    save_checkpoint(last_path, checkpoint_state())
-                log(f"stopped by {signals.received} at step {step}; checkpoint saved to "
+                    state = checkpoint_state()
+                    if ctx.is_main:
+                        save_checkpoint(last_path, state)
+                log(f"stopped by {stopped} at step {step}; checkpoint saved to "
                     f"{last_path}. Resume with: fastgpt train --name {config.name} "
                     f"--runs_dir {config.runs_dir} --resume")
                 break
@@ -384,6 +443,41 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None,
             f"(ln {config.vocab_size} = {math.log(config.vocab_size):.4f}), best val "
             f"{best_val:.4f}; {time.perf_counter() - start_time:.0f} s; outputs in {run_dir}/")
     return summary
+
+
+def _rng_state(ctx: distributed.Context, device: torch.device) -> dict:
+    """This process's RNG states ("torch", "cuda"). In a distributed run: rank 0's at the
+    top level (what a single process resumes with) and every rank's under "ranks"."""
+    cuda = None
+    if device.type == "cuda":
+        cuda = [torch.cuda.get_rng_state(device)] if ctx.enabled else torch.cuda.get_rng_state_all()
+    mine = {"torch": torch.get_rng_state(), "cuda": cuda}
+    if not ctx.enabled:
+        return mine
+    ranks = distributed.all_gather(ctx, mine)
+    return {**ranks[0], "ranks": ranks}
+
+
+def _restore_rng(rng: dict, ctx: distributed.Context, device: torch.device,
+                 fresh_seed: int) -> None:
+    """Each rank takes back its own RNG state when the checkpoint has one for it (same
+    number of ranks); else rank 0 takes the top-level state and the others `fresh_seed`."""
+    ranks = rng.get("ranks")
+    same_ranks = ranks is not None and len(ranks) == ctx.world_size
+    saved_by = len(ranks) if ranks else 1
+    if ctx.enabled and saved_by != ctx.world_size:
+        log(f"the checkpoint was written by {saved_by} process(es), this run has "
+            f"{ctx.world_size}: ranks other than 0 draw fresh dropout randomness")
+    mine = ranks[ctx.rank] if ctx.enabled and same_ranks else rng if ctx.is_main else None
+    if mine is None:
+        torch.manual_seed(fresh_seed)
+        return
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and mine["cuda"] is not None:
+        if ctx.enabled:
+            torch.cuda.set_rng_state(mine["cuda"][0], device)
+        else:
+            torch.cuda.set_rng_state_all(mine["cuda"])
 
 
 def _last_good(last_path: Path) -> str:
