@@ -71,6 +71,19 @@ step "fastgpt verify" "$PYTHON" -m fastgpt verify
 step "bench cross_entropy" "$PYTHON" bench/bench_cross_entropy.py --out "$stem-cross_entropy.json"
 step "bench adamw" "$PYTHON" bench/bench_adamw.py --out "$stem-adamw.json"
 step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
+# the trainer under torchrun on every GPU here (NCCL; with one GPU, a one-rank group): it
+# needs the installer's packages (tokenizers, tqdm, matplotlib), which a bare GPU machine
+# may lack: then it is reported as SKIP
+if "$PYTHON" -c "import tokenizers, tqdm, matplotlib" 2>/dev/null; then
+  smoke=$(mktemp -d)
+  step "torchrun smoke test" env FASTGPT_CACHE="$smoke/cache" "$PYTHON" -m torch.distributed.run \
+    --standalone --nproc_per_node "$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")" \
+    -m fastgpt train --preset cpu --corpus pystdlib --max_steps 60 --eval_interval 30 \
+    --runs_dir "$smoke/runs" --name torchrun-smoke
+else
+  echo "== torchrun smoke test: SKIP (needs tokenizers, tqdm and matplotlib: pip install -e .)" | tee -a "$log"
+  names+=("torchrun smoke test"); results+=(SKIP); seconds+=(0)
+fi
 
 # the report: environment, the summary, then each step's output
 env_json=$("$PYTHON" - <<'EOF'

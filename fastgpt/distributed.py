@@ -34,6 +34,7 @@ class Context:
     local_rank: int = 0
     world_size: int = 1
     enabled: bool = False  # in a process group (under torchrun, even with one process)
+    cpu_group: object = None  # gloo group for host-side flags (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -80,7 +81,9 @@ def setup(device_spec: str, timeout_s: float) -> tuple[Context, torch.device]:
         dist.init_process_group(
             backend=backend_for(device), timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": device} if device.type == "cuda" else {}))
-    return Context(rank, local_rank, world_size, enabled=True), device
+    # Flags (stop requests) go over gloo on the host every step: no GPU sync for them.
+    cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return Context(rank, local_rank, world_size, enabled=True, cpu_group=cpu_group), device
 
 
 def backend_for(device: torch.device) -> str:
@@ -102,6 +105,15 @@ def all_reduce_sum(ctx: Context, values: torch.Tensor) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank must ask, at the same point)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+    return bool(value.item())
 
 
 def all_gather(ctx: Context, obj) -> list:

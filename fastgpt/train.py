@@ -171,14 +171,14 @@ class BatchStream:
 
 class StopSignals:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
-    A second SIGINT stops at once (KeyboardInterrupt)."""
+    A second signal stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
+        if self.received:  # e.g. a second Ctrl-C, or torchrun's SIGTERM after Ctrl-C
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         log(f"{self.received} received: finishing this step and saving a checkpoint "
@@ -232,7 +232,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             ctx, device = distributed.setup(config.device, config.dist_timeout)
             _quiet = not ctx.is_main
         with StopSignals() as signals:
-            return _train(config, resume, progress, signals, ctx, device)
+            summary = _train(config, resume, progress, signals, ctx, device)
+        if ctx.enabled:  # not after an error: NCCL's teardown would wait for the others
+            distributed.teardown()
+        return summary
     except RuntimeError as exc:  # NCCL's DistBackendError, gloo's plain RuntimeError
         text = str(exc).strip()
         if not (ctx.enabled and (isinstance(exc, torch.distributed.DistError)
@@ -244,8 +247,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     finally:
         _quiet = False
         ops.set_backend(previous_backend)
-        if ctx.enabled:
-            distributed.teardown()
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool | None, signals: StopSignals,
@@ -282,6 +283,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, signals: St
     if ctx.is_main:
         distributed.barrier(ctx, device)
     tokenizer = data.tokenizer
+    mine = (corpus.sha256, tokenizer.sha256, len(data.train_ids))
+    if any(tuple(theirs) != mine for theirs in distributed.all_gather(ctx, mine)):
+        raise FastGPTError("the ranks do not see the same corpus and tokens: runs_dir and "
+                           "the token cache (FASTGPT_CACHE or --data_dir) must be on a "
+                           "filesystem that every machine shares")
     datasets = {"train": NextTokenDataset(data.train_ids, config.context_length, "train"),
                 "val": NextTokenDataset(data.val_ids, config.context_length, "val")}
     if len(datasets["train"]) < config.batch_size:
@@ -386,7 +392,6 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, signals: St
     bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=(None if progress is None else not progress) if ctx.is_main else True)
     window_start, window_steps = time.perf_counter(), 0
-    stop_requested = False
     with bar:
         while step < config.max_steps:
             lr = lr_at(step, config)
@@ -400,14 +405,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, signals: St
             bar.update(1)
 
             log_now = step % config.log_interval == 0 or step == config.max_steps
-            # Not every step: .item() waits for the GPU. Several ranks look at the same
-            # steps, so they agree on the loss, a NaN and a stop request (a signal that
-            # reached any of them).
-            if log_now or (signals.received and not ctx.enabled):
-                totals = distributed.all_reduce_sum(ctx, torch.stack([
-                    step_loss.float(), torch.tensor(float(signals.received is not None),
-                                                    device=device)])).tolist()
-                value, stop_requested = totals[0] / ctx.world_size, totals[1] > 0
+            # A signal to any rank stops them all after this step (a host-side flag).
+            stop_requested = distributed.any_rank(ctx, signals.received is not None)
+            if log_now or stop_requested:  # not every step: .item() waits for the GPU
+                value = distributed.all_reduce_sum(ctx, step_loss.float()).item() / ctx.world_size
                 if not math.isfinite(value):
                     raise NonFiniteLoss(f"training loss is {value} at step {step}; stopped. "
                                         + _last_good(last_path))
