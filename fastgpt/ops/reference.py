@@ -8,11 +8,14 @@ import torch.nn.functional as F
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                     dropout_p: float = 0.0, scale: float | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale, causal mask) with dropout on the probabilities, times v.
 
     q, k, v: (B, H, T, D), float; returns (B, H, T, D). scale defaults to 1/sqrt(D).
-    Materialises the (B, H, T, T) scores: simple and exact, not memory-frugal.
+    keep: an explicit dropout mask (B, H, T, T) bool, True where a probability is kept
+    (scaled by 1 / (1 - dropout_p)); None draws one with F.dropout. Materialises the
+    (B, H, T, T) scores: simple and exact, not memory-frugal.
     """
     T, D = q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
@@ -20,9 +23,115 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))              # query i sees keys <= i
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return probs @ v
+
+
+# FlashAttention-2, tile loop for tile loop as csrc/attention.cu runs it: the CUDA code
+# mirrors these two functions, so their index arithmetic is proven on a CPU first.
+
+def tiled_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            block_q: int = 64, block_k: int = 64, dropout_p: float = 0.0,
+                            keep: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention without the (T, T) matrices: (out (B, H, T, D) in q's dtype,
+    lse (B, H, T), the log-sum-exp of each row's scaled scores). Accumulation and lse are
+    float32 for float32/bf16/fp16 inputs, as in the kernels (float64 for float64 inputs,
+    so that the tests can be exact).
+
+    One "program" per Q tile of block_q rows: it streams the K/V tiles up to the diagonal
+    (tiles wholly in the future are never visited; the diagonal ones are masked), keeping a
+    running max m and sum l of exp(s - m) per row and rescaling its fp32 accumulator when m
+    grows. keep: the dropout mask as in causal_attention (the kernel regenerates its own);
+    dropout applies to the normalised probabilities, so l sums the undropped ones.
+    """
+    B, H, T, D = q.shape
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T, dtype=acc_dtype, device=q.device)
+    rows = torch.arange(T, device=q.device)
+    for q0 in range(0, T, block_q):
+        q1 = min(q0 + block_q, T)
+        qi = q[:, :, q0:q1].to(acc_dtype)
+        m = torch.full((B, H, q1 - q0), float("-inf"), dtype=acc_dtype, device=q.device)
+        l = torch.zeros(B, H, q1 - q0, dtype=acc_dtype, device=q.device)
+        acc = torch.zeros(B, H, q1 - q0, D, dtype=acc_dtype, device=q.device)
+        for k0 in range(0, q1, block_k):  # k0 < q1: the tile holds a key some row can see
+            k1 = min(k0 + block_k, T)
+            kj, vj = k[:, :, k0:k1].to(acc_dtype), v[:, :, k0:k1].to(acc_dtype)
+            s = qi @ kj.transpose(-2, -1) * scale                          # (B, H, bq, bk)
+            if k1 - 1 > q0:  # some key lies after some query: mask the future
+                s = s.masked_fill(rows[k0:k1][None, :] > rows[q0:q1][:, None], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))  # finite: key 0 is in every row's past
+            p = torch.exp(s - m_new[..., None])
+            correction = torch.exp(m - m_new)     # 0 on the first tile (m = -inf)
+            l = l * correction + p.sum(-1)
+            if keep is not None:
+                p = p * keep[:, :, q0:q1, k0:k1] / (1.0 - dropout_p)
+            acc = acc * correction[..., None] + p @ vj
+            m = m_new
+        out[:, :, q0:q1] = (acc / l[..., None]).to(q.dtype)
+        lse[:, :, q0:q1] = m + torch.log(l)
+    return out, lse
+
+
+def tiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                             scale: float, block_q: int = 64, block_k: int = 64,
+                             dropout_p: float = 0.0, keep: torch.Tensor | None = None,
+                             deterministic: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in q's dtype from the forward's out and lse, recomputing P tile by tile.
+
+    Accumulation is in lse's dtype. First Dr = rowsum(dO * O) per row. Then one "program"
+    per K/V tile: for every Q tile that can see it, P = exp(S * scale - lse),
+    dV += (P dropped)^T dO, dP = dO V^T (dropped), dS = P * (dP - Dr), dK += dS^T Q * scale,
+    and dQ += dS K * scale added into a shared dQ (fp32 atomicAdd on a GPU). deterministic=True instead gives
+    each Q tile its own pass over the K/V tiles for dQ (no atomics, P computed twice).
+    """
+    B, H, T, D = q.shape
+    acc_dtype = lse.dtype
+    dr = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)         # (B, H, T)
+    dq = torch.zeros(B, H, T, D, dtype=acc_dtype, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    rows = torch.arange(T, device=q.device)
+
+    def tile(q0: int, q1: int, k0: int, k1: int):
+        """P (undropped), the dropped P and dS of the tile (q0:q1) x (k0:k1)."""
+        qi, kj, vj = (t.to(acc_dtype) for t in (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]))
+        s = qi @ kj.transpose(-2, -1) * scale
+        if k1 - 1 > q0:
+            s = s.masked_fill(rows[k0:k1][None, :] > rows[q0:q1][:, None], float("-inf"))
+        p = torch.exp(s - lse[:, :, q0:q1, None])                       # masked: exp(-inf) = 0
+        dp = grad_out[:, :, q0:q1].to(acc_dtype) @ vj.transpose(-2, -1)
+        p_dropped = p
+        if keep is not None:
+            tile_keep = keep[:, :, q0:q1, k0:k1].to(acc_dtype) / (1.0 - dropout_p)
+            p_dropped, dp = p * tile_keep, dp * tile_keep
+        return p_dropped, p * (dp - dr[:, :, q0:q1, None])
+
+    for k0 in range(0, T, block_k):
+        k1 = min(k0 + block_k, T)
+        dk_acc = torch.zeros(B, H, k1 - k0, D, dtype=acc_dtype, device=q.device)
+        dv_acc = torch.zeros(B, H, k1 - k0, D, dtype=acc_dtype, device=q.device)
+        for q0 in range(k0 - k0 % block_q, T, block_q):  # Q tiles whose last row >= k0
+            q1 = min(q0 + block_q, T)
+            p_dropped, ds = tile(q0, q1, k0, k1)
+            dv_acc += p_dropped.transpose(-2, -1) @ grad_out[:, :, q0:q1].to(acc_dtype)
+            dk_acc += ds.transpose(-2, -1) @ q[:, :, q0:q1].to(acc_dtype) * scale
+            if not deterministic:
+                dq[:, :, q0:q1] += ds @ k[:, :, k0:k1].to(acc_dtype) * scale
+        dk[:, :, k0:k1], dv[:, :, k0:k1] = dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    if deterministic:
+        for q0 in range(0, T, block_q):
+            q1 = min(q0 + block_q, T)
+            for k0 in range(0, q1, block_k):
+                dq[:, :, q0:q1] += tile(q0, q1, k0, min(k0 + block_k, T))[1] \
+                    @ k[:, :, k0:min(k0 + block_k, T)].to(acc_dtype) * scale
+    return dq.to(q.dtype), dk, dv
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,

@@ -1,0 +1,121 @@
+"""Causal attention: the tiled FlashAttention-2 algorithm (fastgpt/ops/reference.py, the
+blueprint of csrc/attention.cu) against the explicit reference and SDPA.
+
+Tolerances: in float64 both sides round at 1.1e-16 per operation over a few hundred
+terms, so 1e-12 relative (to the largest entry, inputs O(1)) is far above honest noise and
+far below any indexing mistake (a wrong mask or a missed tile moves entries by O(0.1)). In
+float32 the tiled version accumulates in fp32 in another order than the reference's
+matmuls: 2e-6, as tests/test_ops_reference.py states for attention.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgpt.ops import reference
+
+REL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def close(actual, expected, rel):
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= rel * scale, (error, rel * scale)
+
+
+def inputs(B, H, T, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=gen, dtype=torch.float64).to(dtype)
+            for _ in range(3)]
+
+
+def reference_with_grads(q, k, v, grad_out, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = reference.causal_attention(*leaves, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def masked_lse(q, k, scale):
+    T = q.shape[-2]
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+TILES = [(64, 64), (16, 32), (32, 16), (16, 16)]
+
+
+@pytest.mark.parametrize("T", [1, 17, 255, 257])
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("block_q, block_k", TILES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_tiled_forward_and_backward_equal_the_explicit_reference(T, D, block_q, block_k, dtype):
+    B, H = 1, 2
+    q, k, v = inputs(B, H, T, D, dtype, seed=T + D)
+    grad_out = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(9),
+                           dtype=torch.float64).to(dtype)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = reference.tiled_attention_forward(q, k, v, scale, block_q, block_k)
+    assert out.dtype == dtype and lse.dtype == dtype and lse.shape == (B, H, T)
+    want, want_grads = reference_with_grads(q, k, v, grad_out)
+    close(out, want, REL[dtype])
+    close(lse, masked_lse(q, k, scale), REL[dtype])
+    grads = reference.tiled_attention_backward(q, k, v, out, lse, grad_out, scale,
+                                               block_q, block_k)
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert g.dtype == dtype, name
+        close(g, w, REL[dtype])
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    close(out, sdpa, REL[dtype])
+
+
+def test_low_precision_inputs_accumulate_in_fp32():
+    q, k, v = inputs(1, 2, 40, 32, torch.bfloat16, seed=1)
+    out, lse = reference.tiled_attention_forward(q, k, v, 32 ** -0.5, 16, 16)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    close(lse, masked_lse(q, k, 32 ** -0.5), 2e-6)
+
+
+@pytest.mark.parametrize("T", [17, 100])
+def test_tiled_dropout_with_the_same_mask_equals_the_reference(T):
+    B, H, D, p = 2, 2, 32, 0.3
+    q, k, v = inputs(B, H, T, D, torch.float64, seed=T)
+    keep = torch.rand(B, H, T, T, generator=torch.Generator().manual_seed(3)) >= p
+    grad_out = torch.randn(B, H, T, D, dtype=torch.float64)
+    scale = D ** -0.5
+    out, lse = reference.tiled_attention_forward(q, k, v, scale, 16, 32, dropout_p=p, keep=keep)
+    want, want_grads = reference_with_grads(q, k, v, grad_out, dropout_p=p, keep=keep)
+    close(out, want, 1e-12)
+    close(lse, masked_lse(q, k, scale), 1e-12)  # the lse is of the undropped probabilities
+    grads = reference.tiled_attention_backward(q, k, v, out, lse, grad_out, scale, 16, 32,
+                                               dropout_p=p, keep=keep)
+    for g, w in zip(grads, want_grads):
+        close(g, w, 1e-12)
+    no_dropout, _ = reference.tiled_attention_forward(q, k, v, scale, 16, 32)
+    assert (out - no_dropout).abs().max() > 1e-2  # the mask really was applied
+
+
+def test_deterministic_dq_gives_the_same_bits():
+    q, k, v = inputs(2, 2, 77, 32, torch.float32, seed=5)
+    grad_out = torch.randn(2, 2, 77, 32)
+    out, lse = reference.tiled_attention_forward(q, k, v, 0.2, 16, 32)
+    atomic = reference.tiled_attention_backward(q, k, v, out, lse, grad_out, 0.2, 16, 32)
+    ordered = reference.tiled_attention_backward(q, k, v, out, lse, grad_out, 0.2, 16, 32,
+                                                 deterministic=True)
+    for a, b in zip(atomic, ordered):  # the same adds in the same order, here
+        assert torch.equal(a, b)
+
+
+def test_reference_keep_mask_scales_the_kept_probabilities():
+    q, k, v = inputs(1, 1, 5, 4, torch.float64, seed=2)
+    keep = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    keep[..., 3, 0] = False
+    full = reference.causal_attention(q, k, v)
+    dropped = reference.causal_attention(q, k, v, dropout_p=0.5, keep=keep)
+    assert torch.allclose(dropped[..., :3, :], 2 * full[..., :3, :])  # kept rows: x 1/(1-p)
+    scores = (q[0, 0, 3] @ k[0, 0, :4].T) * 0.5
+    probs = torch.softmax(scores, dim=-1)
+    assert torch.allclose(dropped[0, 0, 3], 2 * (probs[1:] @ v[0, 0, 1:4]))
