@@ -60,6 +60,23 @@ TORCH_LIBRARY(fastgpt, m) {
       "Tensor? step_tensor=None) -> ()");
 }
 
+// Attention's shared arithmetic (csrc/philox.h), for the tests and the kernels' test mode:
+// the Philox block of a counter, and the (B*H, T, T) dropout keep-mask of a call.
+namespace fastgpt {
+std::vector<int64_t> philox4x32_10_cpu(int64_t c0, int64_t c1, int64_t c2, int64_t c3,
+                                       int64_t k0, int64_t k1);
+at::Tensor attention_dropout_mask_cpu(int64_t seed, int64_t offset, int64_t batch_heads,
+                                      int64_t seq_len, double p);
+}  // namespace fastgpt
+
+TORCH_LIBRARY_FRAGMENT(fastgpt, m) {
+  m.def("philox4x32_10(int c0, int c1, int c2, int c3, int k0, int k1) -> int[]",
+        &fastgpt::philox4x32_10_cpu);
+  m.def("attention_dropout_mask(int seed, int offset, int batch_heads, int seq_len, "
+        "float p) -> Tensor",
+        &fastgpt::attention_dropout_mask_cpu);
+}
+
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }
 
 // `import fastgpt._C` loads the library (and so registers the ops); the module is empty.

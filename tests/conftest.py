@@ -31,3 +31,15 @@ def corpus_file(tmp_path, real_text) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(real_text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def cpu_extension(tmp_path_factory):
+    """The CPU build of fastgpt._C, compiled once per session and loaded into this process
+    (one build of the namespace fastgpt per process)."""
+    from fastgpt.ops import extension
+    if torch.cuda.is_available():
+        pytest.skip("a GPU process loads the CUDA build; the CPU build is for CPU machines")
+    if not extension.registered():
+        extension.build(cuda=False, build_directory=str(tmp_path_factory.mktemp("ext_cpu")))
+    return torch.ops.fastgpt

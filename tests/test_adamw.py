@@ -25,13 +25,8 @@ HAVE_NVCC = os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/
                                         "bin", "nvcc"))
 
 
-@pytest.fixture(scope="module")
-def cpu_build(tmp_path_factory):
-    from fastgpt.ops import extension
-    if torch.cuda.is_available():
-        pytest.skip("a GPU process loads the CUDA build; the CPU build is for CPU machines")
-    if not extension.registered():
-        extension.build(cuda=False, build_directory=str(tmp_path_factory.mktemp("ext_cpu")))
+@pytest.fixture
+def cpu_build(cpu_extension):
     return torch.ops.fastgpt.adamw_step
 
 

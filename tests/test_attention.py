@@ -119,3 +119,62 @@ def test_reference_keep_mask_scales_the_kept_probabilities():
     scores = (q[0, 0, 3] @ k[0, 0, :4].T) * 0.5
     probs = torch.softmax(scores, dim=-1)
     assert torch.allclose(dropped[0, 0, 3], 2 * (probs[1:] @ v[0, 0, 1:4]))
+
+
+# --- the Philox generator and the dropout mask the kernels share (csrc/philox.h) ---------
+
+# Random123's known-answer vectors for Philox4x32-10: (counter, key) -> output
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, want", PHILOX_KAT)
+def test_philox_gives_the_known_answers(cpu_extension, counter, key, want):
+    assert tuple(cpu_extension.philox4x32_10(*counter, *key)) == want
+
+
+def test_the_dropout_mask_is_a_pure_function_of_seed_offset_and_index(cpu_extension):
+    mask = cpu_extension.attention_dropout_mask
+    keep = mask(1234, 7, 6, 33, 0.1)
+    assert keep.shape == (6, 33, 33) and keep.dtype == torch.bool
+    assert torch.equal(keep, mask(1234, 7, 6, 33, 0.1))          # regenerated identically
+    assert not torch.equal(keep, mask(1234, 8, 6, 33, 0.1))      # the next call's offset
+    assert not torch.equal(keep, mask(1235, 7, 6, 33, 0.1))
+    # element n is word n % 4 of Philox block (n // 4, offset) keyed by the seed
+    flat = keep.flatten()
+    for n in (0, 1, 2, 3, 4, 4001, flat.numel() - 1):
+        words = cpu_extension.philox4x32_10(n // 4, 0, 7, 0, 1234, 0)
+        assert flat[n].item() == (words[n % 4] >= int(0.1 * 2**32)), n
+    # the first head's mask does not depend on how many heads follow it
+    assert torch.equal(mask(1234, 7, 1, 33, 0.1), keep[:1])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_the_dropout_mask_keeps_one_minus_p(cpu_extension, p):
+    keep = cpu_extension.attention_dropout_mask(99, 0, 16, 128, p)
+    n = keep.numel()
+    kept = keep.sum().item() / n
+    # binomial: 6 standard deviations of the kept fraction, sqrt(p (1 - p) / n) (0 at p=0)
+    assert abs(kept - (1 - p)) <= 6 * math.sqrt(p * (1 - p) / n)
+    if p == 0.0:
+        assert keep.all()
+
+
+def test_the_dropout_mask_rejects_bad_arguments(cpu_extension):
+    with pytest.raises(RuntimeError, match="p must be in \\[0, 1\\)"):
+        cpu_extension.attention_dropout_mask(0, 0, 1, 4, 1.0)
+    with pytest.raises(RuntimeError, match="must be at least 1"):
+        cpu_extension.attention_dropout_mask(0, 0, 0, 4, 0.1)
+
+
+def test_the_tiled_algorithm_with_the_kernel_s_mask_equals_the_reference(cpu_extension):
+    B, H, T, D, p = 2, 3, 70, 32, 0.2
+    q, k, v = inputs(B, H, T, D, torch.float64, seed=11)
+    keep = cpu_extension.attention_dropout_mask(5, 0, B * H, T, p).view(B, H, T, T)
+    out, _ = reference.tiled_attention_forward(q, k, v, D ** -0.5, 32, 16, dropout_p=p,
+                                               keep=keep)
+    close(out, reference.causal_attention(q, k, v, dropout_p=p, keep=keep), 1e-12)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-CPU_SOURCES = ("bindings.cpp", "adamw_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "adamw_cpu.cpp", "attention_cpu.cpp")
 CUDA_SOURCES = ("adamw.cu",)
 DEFAULT_ARCHS = "8.0;9.0"  # A100, H100; TORCH_CUDA_ARCH_LIST overrides
 
