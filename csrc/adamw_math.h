@@ -10,14 +10,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "host_device.h"
+
 using std::pow;
 using std::sqrt;
 
-#if defined(__CUDACC__)
-#define FASTGPT_HD __host__ __device__ __forceinline__
-#else
-#define FASTGPT_HD inline
-#endif
 
 namespace fastgpt {
 

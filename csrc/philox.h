@@ -7,11 +7,8 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTGPT_HD __host__ __device__ __forceinline__
-#else
-#define FASTGPT_HD inline
-#endif
+#include "host_device.h"
+
 
 namespace fastgpt {
 
