@@ -75,6 +75,9 @@ TORCH_LIBRARY_FRAGMENT(fastgpt, m) {
   m.def("attention_dropout_mask(int seed, int offset, int batch_heads, int seq_len, "
         "float p) -> Tensor",
         &fastgpt::attention_dropout_mask_cpu);
+  // (out, lse) of causal attention on q, k, v (B, H, T, D); CUDA only (csrc/attention.cu)
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, "
+        "int seed, int offset) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }

@@ -41,8 +41,9 @@ FASTGPT_HD bool dropout_keep(uint64_t seed, uint64_t offset, int64_t index, uint
       Uint4{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
             static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint32_t words[4] = {r.x, r.y, r.z, r.w};
-  return words[index & 3] >= threshold;
+  // a select, not an indexed array: an array would live in local memory on the GPU
+  const uint32_t word = (index & 2) ? ((index & 1) ? r.w : r.z) : ((index & 1) ? r.y : r.x);
+  return word >= threshold;
 }
 
 // p in [0, 1) -> the word threshold below which an element is dropped.

@@ -3,8 +3,8 @@
 On a CPU, the extension's CPU build runs the kernel's per-element arithmetic
 (csrc/adamw_math.h, shared with the CUDA kernel) against torch.optim.AdamW; the CUDA build
 is compiled with nvcc in a subprocess (one process can load only one build) to prove it
-builds without spills and registers its ops. Tolerance: fp32, 1e-6 of each tensor's
-largest entry. The two paths differ only where the compiler fuses a multiply and an add
+builds without spills and registers its ops (the attention kernel's too). Tolerance:
+fp32, 1e-6 of each tensor's largest entry. The two paths differ only where the compiler fuses a multiply and an add
 (one rounding instead of two, about 6e-8 of the value each); over 20 steps the parameters
 differ by a few 1e-7 at most (measured ~2e-7), since Adam's updates are lr-sized and the
 moments renormalise each step.
@@ -144,18 +144,27 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
         import torch
         from fastgpt.ops import extension
         extension.build(cuda=True, build_directory={str(tmp_path)!r}, verbose=True)
-        print("CUDA kernel:", torch._C._dispatch_has_kernel_for_dispatch_key(
-            "fastgpt::adamw_step", "CUDA"))
+        for op in ("adamw_step", "attention_forward"):
+            print("CUDA kernel", op, torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fastgpt::" + op, "CUDA"))
     """)
     env = {**os.environ, "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    assert "CUDA kernel: True" in log
+    assert "CUDA kernel adamw_step True" in log and "CUDA kernel attention_forward True" in log
     reports = [line for line in log.splitlines() if "spill stores" in line]
     assert reports, "no ptxas resource report in the build log"
     assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in reports), reports
+    # the attention kernels keep nothing in local memory either (a dynamically indexed
+    # array would put a stack frame there)
+    attention = [line for line in log.splitlines()
+                 if "Function properties for" in line and "attention" in line]
+    assert len(attention) == 6  # head dims 32, 64, 128 for sm_80 and sm_90
+    frames = [log.splitlines()[i + 1] for i, line in enumerate(log.splitlines())
+              if line in attention]
+    assert all("0 bytes stack frame" in line for line in frames), frames
 
 
 # --- on a GPU ---------------------------------------------------------------------------

@@ -178,3 +178,53 @@ def test_the_tiled_algorithm_with_the_kernel_s_mask_equals_the_reference(cpu_ext
     out, _ = reference.tiled_attention_forward(q, k, v, D ** -0.5, 32, 16, dropout_p=p,
                                                keep=keep)
     close(out, reference.causal_attention(q, k, v, dropout_p=p, keep=keep), 1e-12)
+
+
+# --- csrc/attention.cu (fp32 forward) against the tiled algorithm, on a GPU --------------
+
+def test_the_attention_forward_fake_gives_the_shapes(cpu_extension):
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # what torch.compile traces with
+        q = torch.empty(2, 3, 17, 64)
+        out, lse = cpu_extension.attention_forward(q, q, q, 0.125, 0.0, 0, 0)
+    assert out.shape == (2, 3, 17, 64) and lse.shape == (2, 3, 17)
+    assert lse.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 17, 64, 255, 256, 1000])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_fp32_forward_equals_the_tiled_algorithm(T, D, dropout_p):
+    from fastgpt.ops import extension
+    ok, why = extension.load_extension()
+    assert ok, why  # on a GPU the extension must build and pass its self-check
+    B, H = 2, 3
+    q, k, v = (t.cuda() for t in inputs(B, H, T, D, torch.float32, seed=T * D))
+    scale = D ** -0.5
+    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, 42, 3)
+    keep = None
+    if dropout_p:
+        keep = torch.ops.fastgpt.attention_dropout_mask(42, 3, B * H, T, dropout_p)
+        keep = keep.view(B, H, T, T).cuda()
+    want, want_lse = reference.tiled_attention_forward(q.double(), k.double(), v.double(),
+                                                       scale, 32, 32, dropout_p, keep)
+    # fp32 on the GPU against fp64: the sums run over up to T keys and D dims in another
+    # order, a few ulps each; 1e-5 of the largest entry (inputs O(1)), ~1e-4 as the issue
+    # allows for fp32, is far below what a wrong mask or tile (O(0.1)) would give.
+    close(out, want, 1e-5)
+    close(lse, want_lse, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_rejects_bad_inputs():
+    from fastgpt.ops import extension
+    assert extension.load_extension()[0]
+    good = torch.randn(1, 2, 8, 64, device="cuda")
+    cases = [((good.half(), good, good), "float32"),
+             ((good[..., :48].contiguous(),) * 3, "head dim must be 32, 64 or 128"),
+             ((good, good[:, :1], good), "same shape"),
+             ((good.transpose(2, 3).contiguous().transpose(2, 3), good, good), "contiguous"),
+             ((good.cpu(), good, good), "CUDA device")]
+    for (q, k, v), message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastgpt.attention_forward(q, k, v, 0.125, 0.0, 0, 0)

@@ -20,7 +20,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "adamw_cpu.cpp", "attention_cpu.cpp")
-CUDA_SOURCES = ("adamw.cu",)
+CUDA_SOURCES = ("adamw.cu", "attention.cu")
 DEFAULT_ARCHS = "8.0;9.0"  # A100, H100; TORCH_CUDA_ARCH_LIST overrides
 
 
@@ -57,11 +57,15 @@ def registered() -> bool:
 
 def register_fakes() -> None:
     """Fake (meta) implementations, so torch.compile can trace through the ops: adamw_step
-    only mutates its inputs, so its fake does nothing."""
+    only mutates its inputs, so its fake does nothing; attention_forward gives (out, lse)
+    of the right shapes."""
     if registered() and not getattr(register_fakes, "done", False):
         torch.library.register_fake("fastgpt::adamw_step")(
             lambda params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
             weight_decay, step, grad_scale, lr_tensor=None, step_tensor=None: None)
+        torch.library.register_fake("fastgpt::attention_forward")(
+            lambda q, k, v, scale, dropout_p, seed, offset: (
+                torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
         register_fakes.done = True
 
 
