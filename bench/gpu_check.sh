@@ -12,7 +12,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# .gpu-packages/ (git-ignored), if there: packages carried to a bare GPU machine, e.g. the
+# tokenizers (an abi3 wheel: any Python >= 3.10) and tqdm package directories of a venv
+export PYTHONPATH="$PWD${PWD:+:$PWD/.gpu-packages}${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -72,16 +74,16 @@ step "bench cross_entropy" "$PYTHON" bench/bench_cross_entropy.py --out "$stem-c
 step "bench adamw" "$PYTHON" bench/bench_adamw.py --out "$stem-adamw.json"
 step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
 # the trainer under torchrun on every GPU here (NCCL; with one GPU, a one-rank group): it
-# needs the installer's packages (tokenizers, tqdm, matplotlib), which a bare GPU machine
-# may lack: then it is reported as SKIP
-if "$PYTHON" -c "import tokenizers, tqdm, matplotlib" 2>/dev/null; then
+# needs tokenizers and tqdm (matplotlib only draws loss.png), which a bare GPU machine may
+# lack (see .gpu-packages above): then it is reported as SKIP
+if "$PYTHON" -c "import tokenizers, tqdm" 2>/dev/null; then
   smoke=$(mktemp -d)
   step "torchrun smoke test" env FASTGPT_CACHE="$smoke/cache" "$PYTHON" -m torch.distributed.run \
     --standalone --nproc_per_node "$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")" \
     -m fastgpt train --preset cpu --corpus pystdlib --max_steps 60 --eval_interval 30 \
     --runs_dir "$smoke/runs" --name torchrun-smoke
 else
-  echo "== torchrun smoke test: SKIP (needs tokenizers, tqdm and matplotlib: pip install -e .)" | tee -a "$log"
+  echo "== torchrun smoke test: SKIP (needs tokenizers and tqdm: pip install -e ., or .gpu-packages/)" | tee -a "$log"
   names+=("torchrun smoke test"); results+=(SKIP); seconds+=(0)
 fi
 

@@ -517,8 +517,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_losses(metrics_path: Path, png_path: Path, vocab_size: int) -> None:
-    """Train and val loss against step, with the untrained model's ln(vocab_size)."""
-    import matplotlib
+    """Train and val loss against step, with the untrained model's ln(vocab_size). Without
+    matplotlib (e.g. a bare GPU machine) the run goes on without the plot, saying so once."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(plot_losses, "warned", False):
+            log("matplotlib is not installed: loss.png is not drawn (pip install matplotlib)")
+            plot_losses.warned = True
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -317,3 +317,13 @@ def test_a_data_position_from_the_old_sampler_resumes_with_a_warning(capsys):
     del state["sampler"]  # as a checkpoint written before data.ShuffledBatches
     resumed.load_state_dict(state)
     assert "drawn by an older fastgpt" in capsys.readouterr().out
+
+
+def test_training_goes_on_without_matplotlib(tmp_path, corpus_file, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.delattr(train_module.plot_losses, "warned", raising=False)
+    summary = train(tiny_config(tmp_path / "runs", corpus_file, max_steps=4, eval_interval=2))
+    assert summary["step"] == 4
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "last.pt").exists() and not (run_dir / "loss.png").exists()
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1  # said once
