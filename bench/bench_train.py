@@ -143,14 +143,11 @@ def build_variant(name: str, sizes: dict, device: torch.device, train_ids: np.nd
                           pin_memory=device.type == "cuda")
     groups = param_groups(model, WEIGHT_DECAY)
 
-    if name in ("1", "2"):
-        optimizer = AdamW(groups, lr=LR)
-        return model, lambda: train_step(model, optimizer, batches, device, bf16=name == "2")
-    if name in ("4", "5"):
+    if name in ("1", "2", "4", "5"):  # fastgpt's own step; backend_of(name) picks the ops
         optimizer = AdamW(groups, lr=LR)
         if name == "5":
-            model.compile()  # in place: GPT.loss's self(idx) runs the compiled forward
-        return model, lambda: train_step(model, optimizer, batches, device, bf16=True)
+            model.compile()  # in place: the step's model(x) runs the compiled forward
+        return model, lambda: train_step(model, optimizer, batches, device, bf16=name != "1")
     if name == "3":
         for block in model.blocks:
             block.attn.__class__ = SDPAttention

@@ -129,8 +129,8 @@ def tiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         for q0 in range(0, T, block_q):
             q1 = min(q0 + block_q, T)
             for k0 in range(0, q1, block_k):
-                dq[:, :, q0:q1] += tile(q0, q1, k0, min(k0 + block_k, T))[1] \
-                    @ k[:, :, k0:min(k0 + block_k, T)].to(acc_dtype) * scale
+                k1 = min(k0 + block_k, T)
+                dq[:, :, q0:q1] += tile(q0, q1, k0, k1)[1] @ k[:, :, k0:k1].to(acc_dtype) * scale
     return dq.to(q.dtype), dk, dv
 
 
