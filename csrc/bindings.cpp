@@ -78,6 +78,10 @@ TORCH_LIBRARY_FRAGMENT(fastgpt, m) {
   // (out, lse) of causal attention on q, k, v (B, H, T, D); CUDA only (csrc/attention.cu)
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, "
         "int seed, int offset) -> (Tensor, Tensor)");
+  // (dq, dk, dv) from the forward's out and lse; CUDA only (csrc/attention.cu)
+  m.def("attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor grad_out, float scale, float dropout_p, int seed, int offset, "
+        "bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }

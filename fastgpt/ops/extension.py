@@ -58,7 +58,7 @@ def registered() -> bool:
 def register_fakes() -> None:
     """Fake (meta) implementations, so torch.compile can trace through the ops: adamw_step
     only mutates its inputs, so its fake does nothing; attention_forward gives (out, lse)
-    of the right shapes."""
+    and attention_backward (dq, dk, dv) of the right shapes."""
     if registered() and not getattr(register_fakes, "done", False):
         torch.library.register_fake("fastgpt::adamw_step")(
             lambda params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
@@ -66,6 +66,9 @@ def register_fakes() -> None:
         torch.library.register_fake("fastgpt::attention_forward")(
             lambda q, k, v, scale, dropout_p, seed, offset: (
                 torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+        torch.library.register_fake("fastgpt::attention_backward")(
+            lambda q, k, v, out, lse, grad_out, scale, dropout_p, seed, offset, deterministic: (
+                torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
         register_fakes.done = True
 
 
