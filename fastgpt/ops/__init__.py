@@ -143,8 +143,33 @@ def status(op: str) -> tuple[bool, str]:
     elif op == "adamw":
         ok, why = _extension_status()
     else:
-        ok, why = False, "not implemented yet"
+        ok, why = _attention_status()
     return ok, f"{KERNELS[op]}: {why}"
+
+
+def _attention_status() -> tuple[bool, str]:
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return _attention_status_on(device)
+
+
+@functools.cache
+def _attention_status_on(device_index: int | None) -> tuple[bool, str]:
+    """Whether the attention kernels run (and pass their self-check) on this CUDA device."""
+    from fastgpt.ops import extension
+
+    ok, why = extension.load_extension()
+    if not ok:
+        return False, why
+    from fastgpt.ops import cuda_attention
+
+    device = torch.device("cuda", device_index)
+    try:
+        cuda_attention.self_check(device)
+    except Exception as exc:
+        return False, (f"{why}, but attention failed its self-check on "
+                       f"{torch.cuda.get_device_name(device)} ({type(exc).__name__}: "
+                       f"{str(exc)[:300]})")
+    return True, f"{why}, on {torch.cuda.get_device_name(device)}"
 
 
 def available() -> dict[str, tuple[bool, str]]:
@@ -182,10 +207,30 @@ def resolve_backend(op: str, backend: str | None, device: torch.device | None = 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      dropout_p: float = 0.0, scale: float | None = None,
-                     backend: str | None = None) -> torch.Tensor:
-    """Causal softmax attention. q, k, v: (B, H, T, D) -> (B, H, T, D)."""
-    resolve_backend("causal_attention", backend, q.device)
-    return reference.causal_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+                     backend: str | None = None,
+                     deterministic: bool | None = None) -> torch.Tensor:
+    """Causal softmax attention with dropout on the probabilities.
+    q, k, v: (B, H, T, D) -> (B, H, T, D); scale defaults to 1/sqrt(D).
+
+    The fused kernel takes float32, bfloat16 or float16 with D in {32, 64, 128}; under
+    "auto" other inputs go to the reference, under "fused" they raise ValueError.
+    deterministic: the kernel's backward without atomics (None: whatever
+    torch.use_deterministic_algorithms says); the reference is always deterministic.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    chosen = resolve_backend("causal_attention", backend, q.device)
+    from fastgpt.ops import cuda_attention
+
+    why_not = cuda_attention.unsupported(q, k, v) if chosen == "fused" else None
+    if why_not is not None and (backend or get_backend("causal_attention")) == "fused":
+        raise ValueError(f"the fused causal_attention cannot take these inputs: {why_not}")
+    if chosen == "reference" or why_not is not None:
+        return reference.causal_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return cuda_attention.attention(q, k, v, scale, dropout_p, deterministic)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
