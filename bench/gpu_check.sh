@@ -38,14 +38,17 @@ step() {  # step NAME COMMAND...: run, log, record PASS/FAIL and the time
   echo "   ${results[-1]} in ${seconds[-1]} s" | tee -a "$log"
 }
 
-KERNEL_TESTS="tests/test_cross_entropy.py tests/test_adamw.py tests/test_ops_reference.py tests/test_optim.py tests/test_model.py tests/test_verify.py"
+KERNEL_TESTS="tests/test_cross_entropy.py tests/test_adamw.py tests/test_attention.py tests/test_ops_reference.py tests/test_optim.py tests/test_model.py tests/test_verify.py"
 
 step "build fastgpt._C" "$PYTHON" -c "
 from fastgpt.ops import extension
 extension.build(cuda=True, verbose=True)
 ok, why = extension.load_extension()
 print('fused AdamW:', ok, why)
-raise SystemExit(0 if ok else 1)"
+from fastgpt import ops
+attention_ok, attention_why = ops.status('causal_attention')
+print(attention_why)
+raise SystemExit(0 if ok and attention_ok else 1)"
 step "kernel tests" "$PYTHON" -m pytest -q -p no:cacheprovider $KERNEL_TESTS
 SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
 SMALL_RUN="
@@ -59,6 +62,12 @@ for reduction in ('mean', 'none'):
 ps = [torch.nn.Parameter(torch.randn(n, device='cuda')) for n in (1, 7, 70001)]
 for p in ps: p.grad = torch.randn_like(p)
 AdamW(ps, backend='fused', max_grad_norm=1.0).step()
+from fastgpt.ops.cuda_attention import attention
+for dtype in (torch.float32, torch.bfloat16):
+    for T, D in ((70, 64), (33, 128)):
+        q, k, v = (torch.randn(2, 2, T, D, device='cuda', dtype=dtype, requires_grad=True) for _ in range(3))
+        for deterministic in (False, True):
+            attention(q, k, v, D ** -0.5, 0.1, deterministic).sum().backward()
 torch.cuda.synchronize()
 print('ok')"
 if [ -x "$SANITIZER" ]; then
@@ -72,6 +81,7 @@ fi
 step "fastgpt verify" "$PYTHON" -m fastgpt verify
 step "bench cross_entropy" "$PYTHON" bench/bench_cross_entropy.py --out "$stem-cross_entropy.json"
 step "bench adamw" "$PYTHON" bench/bench_adamw.py --out "$stem-adamw.json"
+step "bench attention" "$PYTHON" bench/bench_attention.py --out "$stem-attention.json"
 step "bench train" "$PYTHON" bench/bench_train.py --out "$stem-train.json"
 # the trainer under torchrun on every GPU here (NCCL; with one GPU, a one-rank group): it
 # needs tokenizers and tqdm (matplotlib only draws loss.png), which a bare GPU machine may
@@ -123,7 +133,7 @@ print(json.dumps([{'step': n, 'result': r, 'seconds': int(s)} for n, r, s in zip
 " "$(IFS='|'; echo "${names[*]}")" "$(IFS='|'; echo "${results[*]}")" "$(IFS='|'; echo "${seconds[*]}")")
 echo "{\"environment\": $env_json, \"steps\": $steps_json, \"failed\": $failed}" > "$stem.json"
 results=()
-for name in cross_entropy adamw train; do
+for name in cross_entropy adamw attention train; do
   [ -f "$stem-$name.json" ] && results+=("$stem-$name.json")
 done
 tables=""

@@ -1,16 +1,18 @@
-// Causal attention on the GPU, FlashAttention-2's forward, tile loop for tile loop as
-// fastgpt/ops/reference.py's tiled_attention_forward (which the CPU tests prove):
-// version 1, fp32 on the CUDA cores, the correctness anchor. (The backward, the bf16/fp16
-// tensor-core versions and the op's wiring into fastgpt.ops come next; nothing calls this
-// yet but the GPU tests.)
+// Causal attention on the GPU: FlashAttention-2's forward and backward, tile loop for tile
+// loop as fastgpt/ops/reference.py's tiled_attention_forward/backward (which the CPU tests
+// prove). Registered as fastgpt::attention_forward (q, k, v -> out, lse) and
+// fastgpt::attention_backward (-> dq, dk, dv); fastgpt/ops/cuda_attention.py wraps them.
 //
-// A block takes kRows consecutive query rows of one (batch, head), one warp per row, and
-// streams the K/V tiles of kKeys = 32 keys up to its last row's diagonal through shared
-// memory. In a tile, lane j scores key j against the warp's row; the warp keeps the
-// running max m and sum l of exp(s - m); each lane holds D / 32 of the row's output
-// accumulator and adds p_j * v_j with p_j broadcast from lane j. Output = acc / l and
-// lse = m + log l (fp32) per row. Dropout: the decision for probability (bh, row, key) is
-// csrc/philox.h's, so the backward (and the test mode) can regenerate it.
+// Version 1, fp32 on the CUDA cores (the correctness anchor). Forward: a block takes kRows
+// consecutive query rows of one (batch, head), one warp per row, and streams the K/V tiles
+// of kKeys = 32 keys up to its last row's diagonal through shared memory. In a tile, lane j
+// scores key j against the warp's row; the warp keeps the running max m and sum l of
+// exp(s - m); each lane holds D / 32 of the row's output accumulator and adds p_j * v_j with
+// p_j broadcast from lane j. Output = acc / l and lse = m + log l (fp32) per row.
+// Version 2, bf16/fp16 on the tensor cores: further down.
+// Dropout in both: the decision for probability (bh, row, key) is csrc/philox.h's
+// dropout_keep(seed, offset, (bh * T + row) * T + key), so the backward (and the test mode)
+// regenerates it; l and lse sum the undropped probabilities.
 #include "philox.h"
 
 #include <cuda_bf16.h>
@@ -748,6 +750,13 @@ Elem* ptr(const at::Tensor& t) {
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, int threads, int shared_bytes, Args... args) {
   if (shared_bytes > 48 * 1024) {
+    int device = 0, available = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&available, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(shared_bytes <= available, "attention: this head dim needs ", shared_bytes,
+                " bytes of shared memory per block in bf16/fp16; this GPU offers ", available,
+                " (use fp32 or the reference backend)");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         shared_bytes));
   }

@@ -153,6 +153,26 @@ def _adamw_rows(device: torch.device) -> list[Row]:
     return rows
 
 
+def _attention_rows(device: torch.device) -> list[Row]:
+    """The attention kernels' out, dq, dk, dv against the float64 reference at the seed's
+    shape (B=8, H=6, T=256, D=64) and a long odd one, with dropout (the kernels' own mask):
+    bounds from cuda_attention.errors_against_fp64 (1e-4 relative in fp32, FlashAttention's
+    2x-of-torch's-own-error rule in bf16/fp16)."""
+    from fastgpt.ops.cuda_attention import errors_against_fp64
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, H, T, D in ((8, 6, 256, 64), (1, 4, 1000, 128)):
+            q, k, v, grad_out = (torch.randn(B, H, T, D, generator=generator).to(device, dtype)
+                                 for _ in range(4))
+            errors = errors_against_fp64(q, k, v, grad_out, D ** -0.5, 0.1, seed=1, offset=0)
+            for name, c in errors.items():
+                rows.append(Row(f"attention {name} (dropout 0.1)", str(dtype).replace("torch.", ""),
+                                f"{B}x{H}x{T}x{D}", c.error, c.error / c.largest, c.bound))
+    return rows
+
+
 def _training_step_rows(device: torch.device) -> list[Row]:
     from fastgpt import ops
     from fastgpt.model import GPT
@@ -215,15 +235,17 @@ def verify(print_fn=print) -> int:
         rows += _cross_entropy_rows(device, interpreting)
     if available["adamw"][0]:
         rows += _adamw_rows(device)
+    if available["causal_attention"][0]:
+        rows += _attention_rows(device)
     if any(ok for ok, _ in available.values()):
         rows += _training_step_rows(device)
 
-    header = (f"{'op':<28} {'dtype':<9} {'shape':<11} {'max abs err':>11} {'max rel err':>11} "
+    header = (f"{'op':<28} {'dtype':<9} {'shape':<13} {'max abs err':>11} {'max rel err':>11} "
               f"{'tol':>9}  result")
     print_fn(header)
     print_fn("-" * len(header))
     for r in rows:
-        print_fn(f"{r.op:<28} {r.dtype:<9} {r.shape:<11} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
+        print_fn(f"{r.op:<28} {r.dtype:<9} {r.shape:<13} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
                  f"{r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
     for line in skipped:
         print_fn(f"not verified here: {line}")

@@ -144,7 +144,7 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
         import torch
         from fastgpt.ops import extension
         extension.build(cuda=True, build_directory={str(tmp_path)!r}, verbose=True)
-        for op in ("adamw_step", "attention_forward"):
+        for op in ("adamw_step", "attention_forward", "attention_backward"):
             print("CUDA kernel", op, torch._C._dispatch_has_kernel_for_dispatch_key(
                 "fastgpt::" + op, "CUDA"))
     """)
@@ -153,7 +153,8 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
                             env=env, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    assert "CUDA kernel adamw_step True" in log and "CUDA kernel attention_forward True" in log
+    for op in ("adamw_step", "attention_forward", "attention_backward"):
+        assert f"CUDA kernel {op} True" in log, log[-3000:]
     reports = [line for line in log.splitlines() if "spill stores" in line]
     assert reports, "no ptxas resource report in the build log"
     assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in reports), reports
@@ -161,7 +162,9 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
     # array would put a stack frame there)
     attention = [line for line in log.splitlines()
                  if "Function properties for" in line and "attention" in line]
-    assert len(attention) == 6  # head dims 32, 64, 128 for sm_80 and sm_90
+    # version 1 (fp32): forward, dK/dV, deterministic dQ; version 2 (bf16 and fp16) the same;
+    # each for head dims 32, 64, 128, on sm_80 and sm_90
+    assert len(attention) == (3 + 3 * 2) * 3 * 2, attention
     frames = [log.splitlines()[i + 1] for i, line in enumerate(log.splitlines())
               if line in attention]
     assert all("0 bytes stack frame" in line for line in frames), frames

@@ -180,47 +180,133 @@ def test_the_tiled_algorithm_with_the_kernel_s_mask_equals_the_reference(cpu_ext
     close(out, reference.causal_attention(q, k, v, dropout_p=p, keep=keep), 1e-12)
 
 
-# --- csrc/attention.cu (fp32 forward) against the tiled algorithm, on a GPU --------------
+# --- csrc/attention.cu through fastgpt.ops.causal_attention --------------------------------
 
-def test_the_attention_forward_fake_gives_the_shapes(cpu_extension):
+def test_the_attention_fakes_give_the_shapes(cpu_extension):
     with torch._subclasses.fake_tensor.FakeTensorMode():  # what torch.compile traces with
-        q = torch.empty(2, 3, 17, 64)
+        q = torch.empty(2, 3, 17, 64, dtype=torch.bfloat16)
         out, lse = cpu_extension.attention_forward(q, q, q, 0.125, 0.0, 0, 0)
-    assert out.shape == (2, 3, 17, 64) and lse.shape == (2, 3, 17)
-    assert lse.dtype == torch.float32
+        dq, dk, dv = cpu_extension.attention_backward(q, q, q, out, lse, out, 0.125, 0.1, 1, 2,
+                                                      False)
+    assert out.shape == (2, 3, 17, 64) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 17) and lse.dtype == torch.float32
+    assert all(g.shape == q.shape and g.dtype == q.dtype for g in (dq, dk, dv))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("T", [1, 17, 64, 255, 256, 1000])
+def test_the_cpu_build_has_no_attention_kernel_so_auto_takes_the_reference(cpu_extension):
+    from fastgpt import ops
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastgpt::attention_forward", "CPU")
+    ok, why = ops.status("causal_attention")
+    assert not ok and "CUDA GPU" in why
+    q, k, v = inputs(1, 2, 9, 32, torch.float32, seed=0)
+    assert torch.equal(ops.causal_attention(q, k, v, backend="auto"),
+                       reference.causal_attention(q, k, v))
+    with pytest.raises(ops.BackendUnavailable, match="fused causal_attention cannot run"):
+        ops.causal_attention(q, k, v, backend="fused")
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.causal_attention(q, k, v, dropout_p=1.0)
+
+
+def test_what_the_kernels_cannot_take_is_said():
+    from fastgpt.ops.cuda_attention import unsupported
+    q = torch.empty(1, 2, 8, 64)
+    assert "CUDA device" in unsupported(q, q, q)
+    assert "head dim must be 32, 64 or 128" in unsupported(*[torch.empty(1, 2, 8, 48)] * 3)
+    assert "float32, bfloat16 or float16" in unsupported(q.double(), q.double(), q.double())
+    assert "float32, bfloat16 or float16" in unsupported(q, q.half(), q)
+    assert "one (B, H, T, D) shape" in unsupported(q, q[:, :1], q)
+    assert "at least 1" in unsupported(*[torch.empty(0, 2, 8, 64)] * 3)
+
+
+def test_dropout_mask_is_the_cpu_op_s_mask_in_the_call_s_shape(cpu_extension):
+    from fastgpt.ops.cuda_attention import dropout_mask
+    keep = dropout_mask((2, 3, 11, 32), 7, 5, 0.25)
+    assert keep.shape == (2, 3, 11, 11)
+    assert torch.equal(keep.flatten(), cpu_extension.attention_dropout_mask(7, 5, 6, 11, 0.25)
+                       .flatten())
+
+
+# --- on a GPU ----------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_the_kernels_build_and_pass_their_self_check_on_this_gpu():
+    from fastgpt import ops
+    ok, why = ops.status("causal_attention")
+    assert ok, why  # a broken kernel must fail the GPU run, not skip its tests
+
+
+@gpu
+@pytest.mark.parametrize("T", [1, 17, 64, 255, 256, 1000, 4096])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_cuda_fp32_forward_equals_the_tiled_algorithm(T, D, dropout_p):
-    from fastgpt.ops import extension
-    ok, why = extension.load_extension()
-    assert ok, why  # on a GPU the extension must build and pass its self-check
-    B, H = 2, 3
-    q, k, v = (t.cuda() for t in inputs(B, H, T, D, torch.float32, seed=T * D))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+def test_cuda_kernels_against_fp64(T, D, dropout_p, dtype):
+    """out, dq, dk, dv within errors_against_fp64's bounds (1e-4 relative in fp32;
+    FlashAttention's 2x rule in bf16/fp16), and the lse within 1e-5 relative (fp32 always)."""
+    from fastgpt.ops.cuda_attention import errors_against_fp64
+    B, H = (1, 2) if T == 4096 else (2, 3)
+    q, k, v, grad_out = (t.cuda() for t in inputs(B, H, T, D, dtype, seed=T * D) + [
+        torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(dtype)])
     scale = D ** -0.5
-    out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, 42, 3)
-    keep = None
-    if dropout_p:
-        keep = torch.ops.fastgpt.attention_dropout_mask(42, 3, B * H, T, dropout_p)
-        keep = keep.view(B, H, T, T).cuda()
-    want, want_lse = reference.tiled_attention_forward(q.double(), k.double(), v.double(),
-                                                       scale, 32, 32, dropout_p, keep)
-    # fp32 on the GPU against fp64: the sums run over up to T keys and D dims in another
-    # order, a few ulps each; 1e-5 of the largest entry (inputs O(1)), ~1e-4 as the issue
-    # allows for fp32, is far below what a wrong mask or tile (O(0.1)) would give.
-    close(out, want, 1e-5)
-    close(lse, want_lse, 1e-5)
+    errors = errors_against_fp64(q, k, v, grad_out, scale, dropout_p, seed=42, offset=3)
+    for name, c in errors.items():
+        assert c.error <= c.bound, (name, c)
+    _, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, 42, 3)
+    close(lse, masked_lse(q.cpu(), k.cpu(), scale).cuda(), 1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_forward_rejects_bad_inputs():
-    from fastgpt.ops import extension
-    assert extension.load_extension()[0]
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_deterministic_backward_repeats_bit_for_bit(dtype):
+    from fastgpt.ops.cuda_attention import attention, errors_against_fp64
+    q, k, v = (t.cuda() for t in inputs(2, 3, 300, 64, dtype, seed=4))
+    grad_out = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, 0.125, 0.1, True, seed=9, offset=0).backward(grad_out)
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    for name, c in errors_against_fp64(q, k, v, grad_out, 0.125, 0.1, True, seed=9,
+                                       offset=0).items():
+        assert c.error <= c.bound, (name, c)
+
+
+@gpu
+def test_dropout_draws_a_new_mask_per_call_and_follows_torch_manual_seed():
+    from fastgpt import ops
+    q, k, v = (t.cuda() for t in inputs(1, 2, 64, 64, torch.bfloat16, seed=6))
+    torch.manual_seed(0)
+    first, second = (ops.causal_attention(q, k, v, dropout_p=0.1, backend="fused")
+                     for _ in range(2))
+    torch.manual_seed(0)
+    again = ops.causal_attention(q, k, v, dropout_p=0.1, backend="fused")
+    assert not torch.equal(first, second) and torch.equal(first, again)
+
+
+@gpu
+def test_non_contiguous_inputs_as_the_model_passes_them():
+    from fastgpt import ops
+    x = torch.randn(2, 40, 3 * 6 * 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.view(2, 40, 6, 64).transpose(1, 2) for t in x.split(6 * 64, dim=-1))
+    assert not q.is_contiguous()
+    got = ops.causal_attention(q, k, v, backend="fused")
+    want = ops.causal_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                backend="fused")
+    assert torch.equal(got, want)
+
+
+@gpu
+def test_cuda_kernels_reject_bad_inputs():
+    from fastgpt import ops
+    assert ops.status("causal_attention")[0]
     good = torch.randn(1, 2, 8, 64, device="cuda")
-    cases = [((good.half(), good, good), "float32"),
+    cases = [((good.double(),) * 3, "float32, bfloat16 or float16"),
+             ((good, good.half(), good), "one dtype"),
              ((good[..., :48].contiguous(),) * 3, "head dim must be 32, 64 or 128"),
              ((good, good[:, :1], good), "same shape"),
              ((good.transpose(2, 3).contiguous().transpose(2, 3), good, good), "contiguous"),
@@ -228,3 +314,33 @@ def test_cuda_forward_rejects_bad_inputs():
     for (q, k, v), message in cases:
         with pytest.raises(RuntimeError, match=message):
             torch.ops.fastgpt.attention_forward(q, k, v, 0.125, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="head dim must be 32, 64 or 128"):
+        ops.causal_attention(*(good[..., :48],) * 3, backend="fused")
+
+
+@gpu
+def test_the_model_gives_the_same_loss_and_gradients_with_the_kernel():
+    """GPT (dropout 0, fp32) with the reference attention against the same GPT with the fused
+    kernel: the loss within 1e-6 relative and every gradient within 1e-5 of its tensor's
+    largest entry (fp32 sums in another order, through 2 layers of backward)."""
+    from fastgpt import ops
+    from fastgpt.model import GPT
+    idx = torch.randint(0, 512, (4, 100), generator=torch.Generator().manual_seed(0)).cuda()
+    targets = torch.roll(idx, -1, dims=1)
+    results = []
+    for backend in ("reference", "causal_attention=fused,cross_entropy=reference"):
+        torch.manual_seed(0)
+        model = GPT(vocab_size=512, context_length=128, d_model=128, num_heads=2, num_layers=2,
+                    dropout=0.0).cuda()
+        previous = ops.set_backend(backend)
+        try:
+            loss = model.loss(idx, targets)
+            loss.backward()
+        finally:
+            ops.set_backend(previous)
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for name, want in ref_grads.items():
+        error = (grads[name] - want).abs().max().item()
+        assert error <= 1e-5 * want.abs().max().item(), (name, error)
