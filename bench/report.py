@@ -1,5 +1,5 @@
 """Markdown tables from the benchmarks' JSON results (bench_cross_entropy.py, bench_adamw.py,
-bench_train.py), for bench/results/: gpu_check.sh writes its report and the results
+bench_attention.py, bench_train.py), for bench/results/: gpu_check.sh writes its report and the results
 README with it, so that every published number comes from a run's own files.
 
     python bench/report.py RESULT.json [RESULT.json ...]
@@ -90,7 +90,32 @@ def train(result: dict) -> list[str]:
             f"{first['peak_tflops']:.3g} TFLOP/s):", ""] + _table(header, body)
 
 
-RENDER = {"cross_entropy": cross_entropy, "adamw": adamw, "train": train}
+def attention(result: dict) -> list[str]:
+    rows = result["rows"]
+    providers = [key[:-len("_fwd_bwd_ms")] for key in rows[0] if key.endswith("_fwd_bwd_ms")]
+    fused = "fastgpt" in providers
+    header = ["dtype", "B x H x T x D", "check"] + [f"{n} ms" for n in providers]
+    if fused:
+        header += ["fastgpt TFLOP/s", "vs best SDPA", "vs reference"]
+    body = []
+    for r in rows:
+        check = {True: "ok", False: "WRONG", None: "-"}[r["correct"]]
+        line = [r["dtype"], f"{r['B']}x{r['H']}x{r['T']}x{r['D']}", check]
+        line += [_ms(r[f"{n}_fwd_bwd_ms"]) for n in providers]
+        if fused:
+            tflops = r["fastgpt_fwd_bwd_tflops"]
+            line += ["n/a" if tflops is None else f"{tflops:.1f}"]
+            line += ["n/a" if r.get(f"fastgpt_vs_{b}_fwd_bwd") is None
+                     else f"{r[f'fastgpt_vs_{b}_fwd_bwd']:.2f}x" for b in ("sdpa", "reference")]
+        body.append(line)
+    return [f"Causal attention forward+backward (ms: median of {result['reps']}; TFLOP/s as "
+            f"FlashAttention counts: 3.5 x 2BHT^2D; ratios: the baseline's time over "
+            f"fastgpt's; n/a: out of memory or not available; forward and backward apart in "
+            f"the JSON):", ""] + _table(header, body)
+
+
+RENDER = {"cross_entropy": cross_entropy, "adamw": adamw, "attention": attention,
+          "train": train}
 
 
 def render(paths: list[Path]) -> str:

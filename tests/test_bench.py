@@ -180,6 +180,19 @@ def test_report_renders_gpu_shaped_results(tmp_path):
     assert "| seed (11.1M) | yes | 0.100 | 2.000 | 0.400 | 0.200 | 2.00x | 4.00x | 3000 |" in text
 
 
+def test_report_renders_the_attention_benchmark(tmp_path):
+    out = tmp_path / "attention.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--seqs", "16",
+                             "--tokens", "32", "--reps", "1", "--device", "cpu", "--out",
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shown = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "| dtype | B x H x T x D | check | reference ms | sdpa-math ms |" in shown.stdout
+    assert "| float32 | 2x6x16x64 | - | " in shown.stdout
+
+
 def test_report_renders_the_cpu_train_benchmark(tmp_path):
     out = tmp_path / "train.json"
     result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny",
@@ -192,3 +205,124 @@ def test_report_renders_the_cpu_train_benchmark(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "| tiny | 1 | chapter loop, fp32, reference ops | `reference` |" in shown.stdout
     assert "float32 matmul peak measured in the run" in shown.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+def test_attention_benchmark_cpu_mode(tmp_path):
+    out = tmp_path / "attention.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--seqs", "16",
+                             "64", "--tokens", "128", "--reps", "1", "--warmup", "1", "--out",
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU: timing the reference and SDPA's math backend on the CPU only" \
+        in result.stdout
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "attention" and data["reps"] == 1
+    rows = data["rows"]
+    assert [(r["dtype"], r["B"], r["H"], r["T"], r["D"]) for r in rows] == [
+        ("float32", 8, 6, 16, 64), ("float32", 2, 6, 64, 64)]
+    for r in rows:
+        assert r["correct"] is None and "fastgpt_fwd_ms" not in r
+        for name in ("reference", "sdpa-math"):
+            assert r[f"{name}_error"] is None
+            for p, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd_bwd", 3.5)):
+                assert r[f"{name}_{p}_ms"] > 0
+                assert r[f"{name}_{p}_tflops"] == pytest.approx(
+                    factor * 2 * r["B"] * 6 * r["T"] ** 2 * 64 / (r[f"{name}_{p}_ms"] * 1e9))
+
+
+def test_attention_benchmark_counts_flops_like_flashattention():
+    bench = _import_bench("bench_attention")
+    forward = 2 * 32 * 6 * 256 ** 2 * 64  # causal: half of full attention's 4 B H T^2 D
+    assert bench.attention_flops(32, 6, 256, 64) == forward
+    assert bench.attention_flops(32, 6, 256, 64, "bwd") == 2.5 * forward
+    assert bench.attention_flops(32, 6, 256, 64, "fwd_bwd") == 3.5 * forward
+    assert bench.targets(256, 64) == {"sdpa": 0.9, "reference": 3.0}
+    assert bench.targets(4096, 128) == {"sdpa": 0.75} and bench.targets(1024, 64) == {}
+
+
+def test_attention_benchmark_check_passes_a_flash_like_kernel_and_catches_wrong_ones():
+    import torch.nn.functional as F
+
+    bench = _import_bench("bench_attention")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 64, 64, generator=generator).bfloat16() for _ in range(3))
+
+    def fp32_inside(q, k, v):  # as a flash kernel computes: fp32 accumulation, bf16 out
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                              is_causal=True).to(q.dtype)
+
+    def forgets_dv(q, k, v):
+        return bench.reference.causal_attention(q, k, v.detach() + 0 * v)
+
+    def off_by_2_percent(q, k, v):
+        return 1.02 * bench.reference.causal_attention(q, k, v)
+
+    assert all(e <= t for e, t in bench.check(fp32_inside, q, k, v).values())
+    wrong_dv = bench.check(forgets_dv, q, k, v)
+    assert wrong_dv["dv"][0] > wrong_dv["dv"][1] and wrong_dv["out"][0] <= wrong_dv["out"][1]
+    wrong_out = bench.check(off_by_2_percent, q, k, v)
+    assert wrong_out["out"][0] > wrong_out["out"][1]
+
+
+def test_attention_benchmark_records_what_cannot_run():
+    from torch.nn.attention import SDPBackend
+
+    bench = _import_bench("bench_attention")
+    q = torch.randn(1, 2, 16, 64, requires_grad=True)
+
+    def oom(q, k, v):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+
+    assert bench.run_provider(oom, q, q, q, 1, 0, cuda=False) == (None, "out of memory")
+    times, why = bench.run_provider(bench.sdpa(SDPBackend.CUDNN_ATTENTION), q, q, q, 1, 0,
+                                    cuda=False)  # no cuDNN on a CPU: torch says so, no crash
+    assert times is None and why.startswith("RuntimeError: No viable backend")
+
+
+def _run_attention_main(bench, monkeypatch, providers, why_not, out):
+    monkeypatch.setattr(bench, "providers_for", lambda cuda: (providers, why_not))
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--device", "cpu", "--seqs", "256",
+                                      "--tokens", "256", "--reps", "1", "--warmup", "1",
+                                      "--out", str(out)])
+    return bench.main()
+
+
+def test_attention_benchmark_marks_a_wrong_kernel_and_prints_the_targets(monkeypatch, capsys,
+                                                                         tmp_path):
+    bench = _import_bench("bench_attention")
+    cpu, _ = bench.providers_for(cuda=False)
+
+    def wrong(q, k, v):  # stands in for the fused kernel, 5% off
+        return 1.05 * bench.reference.causal_attention(q, k, v)
+
+    out = tmp_path / "attention.json"
+    assert _run_attention_main(bench, monkeypatch, {"fastgpt": wrong, **cpu}, None, out) == 1
+    shown = capsys.readouterr()
+    assert "B=1 H=6 T=256 D=64: WRONG (worst: " in shown.out
+    assert "fastgpt vs best SDPA:" in shown.out and "fastgpt vs reference:" in shown.out
+    assert "[issue's H100 target: fwd+bwd >= 0.9x; " in shown.out
+    assert "[issue's H100 target: fwd+bwd >= 3.0x; " in shown.out
+    assert "FAILED" in shown.err and "B=1 H=6 T=256 D=64: fastgpt is WRONG" in shown.err
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["correct"] is False
+    assert row["check"]["out"]["error"] > row["check"]["out"]["tolerance"]
+    assert row["best_sdpa_fwd_bwd"] == "sdpa-math"
+    for baseline in ("sdpa-math", "reference"):
+        key = "sdpa" if baseline == "sdpa-math" else "reference"
+        for p in ("fwd", "bwd", "fwd_bwd"):
+            assert row[f"fastgpt_vs_{key}_{p}"] == pytest.approx(
+                row[f"{baseline}_{p}_ms"] / row[f"fastgpt_{p}_ms"])
+    assert (row["target_vs_sdpa_fwd_bwd"], row["target_vs_reference_fwd_bwd"]) == (0.9, 3.0)
+
+
+def test_attention_benchmark_fails_when_the_fused_kernel_cannot_run(monkeypatch, capsys,
+                                                                    tmp_path):
+    bench = _import_bench("bench_attention")
+    cpu, _ = bench.providers_for(cuda=False)
+    out = tmp_path / "attention.json"
+    assert _run_attention_main(bench, monkeypatch, cpu, "the extension failed to build", out) == 1
+    err = capsys.readouterr().err
+    assert "the fused kernel cannot run: the extension failed to build" in err
+    (row,) = json.loads(out.read_text())["rows"]  # the other providers were still timed
+    assert row["correct"] is None and row["reference_fwd_bwd_ms"] > 0

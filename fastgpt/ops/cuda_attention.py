@@ -101,10 +101,11 @@ class Comparison(NamedTuple):
 
 def errors_against_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         grad_out: torch.Tensor, scale: float, dropout_p: float = 0.0,
-                        deterministic: bool = False, seed: int = 0, offset: int = 0
-                        ) -> dict[str, Comparison]:
+                        deterministic: bool = False, seed: int = 0, offset: int = 0,
+                        attend=None) -> dict[str, Comparison]:
     """{"out" | "dq" | "dk" | "dv": Comparison} of the kernels against the reference in
-    float64, with the kernels' own dropout mask.
+    float64, with the kernels' own dropout mask. attend: another attention(q, k, v) to judge
+    by the same rule in place of the kernels (e.g. the op as users call it; no dropout).
 
     Bounds: in float32, 1e-4 of the largest reference entry (sums of up to T terms in
     another order cost a few ulps; a wrong mask or tile costs O(0.1)). In bfloat16/float16,
@@ -123,7 +124,9 @@ def errors_against_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if precision == "torch" and q.dtype == torch.float32:
             continue
         with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
-            if precision == "kernel":
+            if precision == "kernel" and attend is not None:
+                out = attend(*leaves)
+            elif precision == "kernel":
                 out = attention(*leaves, scale, dropout_p, deterministic, seed, offset)
             else:
                 out = causal_attention(*leaves, dropout_p=dropout_p, scale=scale, keep=keep)
