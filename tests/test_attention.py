@@ -8,6 +8,7 @@ float32 the tiled version accumulates in fp32 in another order than the referenc
 matmuls: 2e-6, as tests/test_ops_reference.py states for attention.
 """
 
+import os
 import math
 
 import pytest
@@ -344,3 +345,60 @@ def test_the_model_gives_the_same_loss_and_gradients_with_the_kernel():
     for name, want in ref_grads.items():
         error = (grads[name] - want).abs().max().item()
         assert error <= 1e-5 * want.abs().max().item(), (name, error)
+
+
+# --- csrc/attention.cuh's kernels run on the CPU (tests/cuda_on_cpu) ----------------------------
+
+@pytest.fixture(scope="module")
+def kernels_on_cpu(tmp_path_factory):
+    """csrc/attention.cuh compiled with g++ through tests/cuda_on_cpu/cuda_on_cpu.h."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    here = Path(__file__).resolve().parent
+    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if not (cuda_include / "cuda_bf16.h").exists():
+        pytest.skip(f"needs the CUDA headers (cuda_bf16.h) under {cuda_include}")
+    return load(name="attention_on_cpu", sources=[str(here / "cuda_on_cpu" / "attention_on_cpu.cpp")],
+                extra_include_paths=[str(here.parent / "csrc"), str(cuda_include)],
+                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
+                build_directory=str(tmp_path_factory.mktemp("attention_on_cpu")))
+
+
+@pytest.mark.parametrize("dtype,D,T", [(torch.float32, 32, 70), (torch.float32, 128, 1),
+                                       (torch.bfloat16, 64, 130), (torch.float16, 128, 70)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, dtype, D, T, deterministic):
+    """The CUDA kernels themselves (fp32 ones, tensor-core ones through an emulated WMMA), run
+    fiber per thread: out, lse, dq, dk, dv against float64. Bounds as errors_against_fp64:
+    fp32 1e-4 of the largest entry; 16-bit twice torch's own error in that dtype plus an ulp."""
+    gen = torch.Generator().manual_seed(D + T)
+    q, k, v, g = (torch.randn(1, 2, T, D, generator=gen).to(dtype) for _ in range(4))
+    scale = D ** -0.5
+    out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, 0.0, 0, 0)
+    dq, dk, dv, backward_launches = kernels_on_cpu.backward(q, k, v, out, lse, g, scale, 0.0, 0, 0,
+                                                            deterministic)
+    assert (launches, backward_launches) == (1, 2 if deterministic else 1)
+    results = {}
+    for precision in ("fp64", "torch"):
+        leaves = [t.double() if precision == "fp64" else t.clone() for t in (q, k, v)]
+        leaves = [t.requires_grad_() for t in leaves]
+        ref = reference.causal_attention(*leaves, scale=scale)
+        ref.backward(g.to(ref.dtype))
+        results[precision] = [ref.detach()] + [t.grad for t in leaves]
+    _, lse_fp64 = reference.tiled_attention_forward(q.double(), k.double(), v.double(), scale)
+    # lse: fp32 sums over exact inputs, in both dtypes: 1e-4 relative, with a 1e-3 floor for lse ~ 0
+    assert (lse.double() - lse_fp64).abs().max().item() <= 1e-4 * lse_fp64.abs().max().item() + 1e-3
+    for name, got, want, own in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
+                                    results["fp64"], results["torch"]):
+        largest = want.abs().max().item()
+        # at T=1, dq is exactly 0 in fp64 and fp32 rounding noise of O(1) terms elsewhere: the
+        # bounds scale with max(largest, 1) (inputs are standard normal)
+        if dtype == torch.float32:
+            bound = 1e-4 * max(largest, 1.0)
+        else:
+            bound = (2 * (own.double() - want).abs().max().item()
+                     + torch.finfo(dtype).eps * max(largest, 1.0))
+        error = (got.double() - want).abs().max().item()
+        assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g}"
