@@ -233,9 +233,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             _quiet = not ctx.is_main
         with StopSignals() as signals:
             summary = _train(config, resume, progress, signals, ctx, device)
-        if ctx.enabled:  # not after an error: NCCL's teardown would wait for the others
-            distributed.teardown()
+        if ctx.enabled:  # not after most errors: the barrier would wait for the others
+            distributed.teardown(ctx, device)
         return summary
+    except NonFiniteLoss:  # every rank saw the same all-reduced loss and stops here
+        if ctx.enabled:
+            distributed.teardown(ctx, device)
+        raise
     except RuntimeError as exc:  # NCCL's DistBackendError, gloo's plain RuntimeError
         text = str(exc).strip()
         if not (ctx.enabled and (isinstance(exc, torch.distributed.DistError)

@@ -4,6 +4,7 @@ that dies stopping the others."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,10 +194,23 @@ def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path, corpus_file):
             proc.wait()
 
 
-NAN_ON_RANK_1 = """
+# `fastgpt train` under torchrun, then each rank names its threads before it exits: a
+# process group still alive then keeps gloo's workers, and one of them still releasing the
+# last collective's tensors aborts the interpreter's shutdown (1 run in ~40).
+TRAIN_THEN_LIST_THREADS = """
 import os, sys
-import fastgpt.train as train_module
+from pathlib import Path
 from fastgpt.cli import main
+code = main(["train", *sys.argv[1:]])
+names = sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))
+sys.stdout.flush()
+os.write(1, ("threads at exit: " + " ".join(names) + "\\n").encode())  # one write per rank
+sys.exit(code)
+"""
+
+NAN_ON_RANK_1 = """
+import os
+import fastgpt.train as train_module
 real, calls = train_module.next_token_loss, []
 def loss(logits, targets):
     calls.append(1)
@@ -205,8 +219,25 @@ def loss(logits, targets):
         return out * float("nan")
     return out
 train_module.next_token_loss = loss
-sys.exit(main(["train", *sys.argv[1:]]))
-"""
+""" + TRAIN_THEN_LIST_THREADS
+
+
+def assert_left_the_process_group(output: str) -> None:
+    at_exit = re.findall(r"threads at exit: .*", output)
+    assert len(at_exit) == 2, output[-3000:]  # one line per rank
+    assert not any("gloo" in line for line in at_exit), at_exit
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists threads through /proc")
+def test_every_rank_leaves_the_process_group_before_it_exits(tmp_path, corpus_file):
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(TRAIN_THEN_LIST_THREADS)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), *tiny_cli_args(tmp_path / "runs", corpus_file, **SETTINGS)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_left_the_process_group(result.stdout)
 
 
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path, corpus_file):
@@ -224,6 +255,8 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path, corpus_file):
     assert output.count("training loss is nan at step 5; stopped.") == 2
     assert "Root Cause" in output  # torchrun's summary of the failed ranks
     assert load_checkpoint(runs / "nan" / "last.pt")["step"] == 4  # the last good one
+    if Path("/proc/self/task").exists():
+        assert_left_the_process_group(result.stdout)
 
 
 def test_sigterm_to_torchrun_stops_all_ranks_at_the_same_step_with_a_checkpoint(tmp_path,
