@@ -369,24 +369,32 @@ def kernels_on_cpu(tmp_path_factory):
 @pytest.mark.parametrize("dtype,D,T", [(torch.float32, 32, 70), (torch.float32, 128, 1),
                                        (torch.bfloat16, 64, 130), (torch.float16, 128, 70)])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, dtype, D, T, deterministic):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
+                                            deterministic, dropout_p):
     """The CUDA kernels themselves (fp32 ones, tensor-core ones through an emulated WMMA), run
-    fiber per thread: out, lse, dq, dk, dv against float64. Bounds as errors_against_fp64:
-    fp32 1e-4 of the largest entry; 16-bit twice torch's own error in that dtype plus an ulp."""
+    fiber per thread: out, lse, dq, dk, dv against float64, with dropout applied by the
+    reference through the mask csrc/philox.h gives for the same (seed, offset). Bounds as
+    errors_against_fp64: fp32 1e-4 of the largest entry; 16-bit twice torch's own error in
+    that dtype plus an ulp."""
+    from fastgpt.ops.cuda_attention import dropout_mask
+
     gen = torch.Generator().manual_seed(D + T)
     q, k, v, g = (torch.randn(1, 2, T, D, generator=gen).to(dtype) for _ in range(4))
-    scale = D ** -0.5
-    out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, 0.0, 0, 0)
-    dq, dk, dv, backward_launches = kernels_on_cpu.backward(q, k, v, out, lse, g, scale, 0.0, 0, 0,
-                                                            deterministic)
+    scale, seed, offset = D ** -0.5, 1234 + T, 56 + D
+    keep = dropout_mask(q.shape, seed, offset, dropout_p) if dropout_p else None
+    out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, dropout_p, seed, offset)
+    dq, dk, dv, backward_launches = kernels_on_cpu.backward(q, k, v, out, lse, g, scale,
+                                                            dropout_p, seed, offset, deterministic)
     assert (launches, backward_launches) == (1, 2 if deterministic else 1)
     results = {}
     for precision in ("fp64", "torch"):
         leaves = [t.double() if precision == "fp64" else t.clone() for t in (q, k, v)]
         leaves = [t.requires_grad_() for t in leaves]
-        ref = reference.causal_attention(*leaves, scale=scale)
+        ref = reference.causal_attention(*leaves, scale=scale, dropout_p=dropout_p, keep=keep)
         ref.backward(g.to(ref.dtype))
         results[precision] = [ref.detach()] + [t.grad for t in leaves]
+    # lse is of the scores before dropout (the backward recomputes P from it)
     _, lse_fp64 = reference.tiled_attention_forward(q.double(), k.double(), v.double(), scale)
     # lse: fp32 sums over exact inputs, in both dtypes: 1e-4 relative, with a 1e-3 floor for lse ~ 0
     assert (lse.double() - lse_fp64).abs().max().item() <= 1e-4 * lse_fp64.abs().max().item() + 1e-3
