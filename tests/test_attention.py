@@ -366,6 +366,17 @@ def kernels_on_cpu(tmp_path_factory):
                 build_directory=str(tmp_path_factory.mktemp("attention_on_cpu")))
 
 
+def test_the_cpu_run_catches_a_kernel_writing_outside_a_buffer(kernels_on_cpu):
+    # the red zones that every buffer allocated by the kernels' dispatch gets in the CPU run
+    assert kernels_on_cpu.write_one(10, 9)[9].item() == 1.0
+    with pytest.raises(RuntimeError, match="wrote outside a 40-byte buffer, at byte 40 of it"):
+        kernels_on_cpu.write_one(10, 10)
+    with pytest.raises(RuntimeError, match="wrote outside a 40-byte buffer, at byte -4 of it"):
+        kernels_on_cpu.write_one(10, -1)
+    with pytest.raises(RuntimeError, match="wrote outside"):
+        kernels_on_cpu.write_one(10, 10 + 4096)  # a tile row further
+
+
 @pytest.mark.parametrize("dtype,D,T", [(torch.float32, 32, 70), (torch.float32, 128, 1),
                                        (torch.bfloat16, 64, 130), (torch.float16, 128, 70)])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -376,7 +387,8 @@ def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype
     fiber per thread: out, lse, dq, dk, dv against float64, with dropout applied by the
     reference through the mask csrc/philox.h gives for the same (seed, offset). Bounds as
     errors_against_fp64: fp32 1e-4 of the largest entry; 16-bit twice torch's own error in
-    that dtype plus an ulp."""
+    that dtype plus an ulp. Reads past an input give NaN, writes outside an output fail the
+    call (tests/cuda_on_cpu/attention_on_cpu.cpp)."""
     from fastgpt.ops.cuda_attention import dropout_mask
 
     gen = torch.Generator().manual_seed(D + T)
