@@ -32,10 +32,13 @@ SETTINGS = dict(dropout=0.0, max_steps=6, eval_interval=3, log_interval=1, batch
                 device="cpu")
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, args: list[str], timeout: float = 300,
+             script: Path | None = None) -> subprocess.CompletedProcess:
+    """`fastgpt train args` (or `script args`) on nproc ranks, which must succeed."""
+    program = [str(script)] if script else ["-m", "fastgpt", "train"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(nproc), "-m", "fastgpt", "train", *args],
+         str(nproc), *program, *args],
         capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -232,11 +235,7 @@ def assert_left_the_process_group(output: str) -> None:
 def test_every_rank_leaves_the_process_group_before_it_exits(tmp_path, corpus_file):
     script = tmp_path / "train_then_list_threads.py"
     script.write_text(TRAIN_THEN_LIST_THREADS)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), *tiny_cli_args(tmp_path / "runs", corpus_file, **SETTINGS)],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun(2, tiny_cli_args(tmp_path / "runs", corpus_file, **SETTINGS), script=script)
     assert_left_the_process_group(result.stdout)
 
 
