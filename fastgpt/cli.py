@@ -1,12 +1,13 @@
-"""The `fastgpt` command: prepare, train, sample, info.
+"""The `fastgpt` command: prepare, train, sample, verify, info.
 
-User mistakes end in one line on stderr and a non-zero exit, never a traceback.
+User mistakes end in one line on stderr and a non-zero exit, never a traceback. Parsing
+and validating the config import neither torch nor the other heavy packages (--help and
+mistakes answer at once); each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import sys
 from pathlib import Path
@@ -17,8 +18,47 @@ from fastgpt.config import (FIELD_HELP, PRESETS, TrainConfig, field_types, make_
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors; value_options: the options that take a value (add_argument's)."""
+
+    def __init__(self, *args, **kwargs):
+        self.value_options: set[str] = set()  # before argparse adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.nargs != 0:  # not a flag (store_true, --help, --version)
+            self.value_options.update(action.option_strings)
+        return action
+
     def error(self, message: str):  # argparse's default prints the whole usage first
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _is_negative_number(token: str) -> bool:
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_negative_values(argv: list[str], value_options: set[str]) -> list[str]:
+    """`--lr -1e-3` -> `--lr=-1e-3` for each option that takes a value. argparse takes only
+    tokens like -3 and -.5 for negative numbers; -1e-3, -3., -inf look like options to it."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return joined + argv[i:]
+        if (argv[i] in value_options and i + 1 < len(argv)
+                and _is_negative_number(argv[i + 1])):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +68,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for field, kind in field_types().items():
         flags = [f"--{field}"] + ([f"--{field.replace('_', '-')}"] if "_" in field else [])
-        group.add_argument(*flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(),
-                           help=f"{FIELD_HELP[field]} (seed: {getattr(defaults, field)!r})")
+        action = group.add_argument(
+            *flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(),
+            help=f"{FIELD_HELP[field]} (seed: {getattr(defaults, field)!r})")
+        parser.value_options.update(action.option_strings)  # a group's, not the parser's
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -42,9 +84,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    config = _config(args)
     from fastgpt.data import load_corpus, prepare
 
-    config = _config(args)
     corpus = load_corpus(config.corpus)
     data = prepare(corpus, config.vocab_size, config.data_dir or None)
     meta = data.meta
@@ -56,14 +98,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastgpt.train import resume_config, train
-
     if args.resume:
+        from fastgpt.train import resume_config
+
         overrides = _overrides(args)
         config = resume_config(overrides.pop("runs_dir", TrainConfig.runs_dir),
                                overrides.pop("name", args.preset), overrides)
     else:
         config = _config(args)
+    from fastgpt.train import train
+
     train(config, resume=args.resume)
     return 0
 
@@ -94,6 +138,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _version(package: str) -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -157,12 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="versions, device, and which kernels can run")
     info.set_defaults(func=cmd_info)
+    for command in commands.choices.values():
+        parser.value_options |= command.value_options
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_join_negative_values(argv, parser.value_options))
     try:
         return args.func(args)
     except FastGPTError as exc:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from fastgpt import FastGPTError
-from fastgpt.ops import parse_backend
+from fastgpt.backends import parse_backend
 from fastgpt.tokenizer import BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastgpt import ops
-from fastgpt.optim import AdamW
+from fastgpt.optim import AdamW, self_check
 
 HAVE_NVCC = os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                         "bin", "nvcc"))
@@ -321,8 +321,7 @@ def test_resume_on_the_gpu_from_a_cpu_saved_state_dict(tmp_path):
 
 
 def test_self_check_runs_the_fused_step_against_the_reference(cpu_build, monkeypatch):
-    from fastgpt.ops import extension
-    extension.self_check(torch.device("cpu"))  # the CPU build runs the kernel's arithmetic
+    self_check(torch.device("cpu"))  # the CPU build runs the kernel's arithmetic
 
     def off_by_a_bit(params, *args):
         cpu_build(params, *args)
@@ -331,7 +330,7 @@ def test_self_check_runs_the_fused_step_against_the_reference(cpu_build, monkeyp
 
     monkeypatch.setattr(torch.ops.fastgpt, "adamw_step", off_by_a_bit)
     with pytest.raises(RuntimeError, match="differs from the reference"):
-        extension.self_check(torch.device("cpu"))
+        self_check(torch.device("cpu"))
 
 
 def test_bf16_state_survives_a_state_dict_round_trip():

@@ -1,6 +1,7 @@
 """The command line: the happy paths through real processes, and every listed user mistake
 ending in one line on stderr and a non-zero exit, never a traceback."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from fastgpt import __version__, cli
+from fastgpt.checkpoint import save_checkpoint
 from fastgpt.cli import main
 from fastgpt.train import train
 from helpers import tiny_cli_args, tiny_config
@@ -115,6 +118,100 @@ def test_checkpoint_mistakes(capsys, tmp_path, corpus_file):
     incompatible = tmp_path / "incompatible.pt"
     state = torch.load(runs / "tiny" / "last.pt", weights_only=True)
     state["config"]["d_model"] = 64  # the weights no longer fit the config
-    torch.save(state, incompatible)
+    save_checkpoint(incompatible, state)  # with a checksum that matches
     code, _, err = run_main(capsys, "sample", "--checkpoint", str(incompatible))
     assert_one_line_error(code, err, "does not fit")
+
+
+def test_sample_refuses_a_temperature_that_is_not_a_finite_number(capsys, tmp_path,
+                                                                   corpus_file):
+    train(tiny_config(tmp_path / "runs", corpus_file, max_steps=1))
+    capsys.readouterr()
+    checkpoint = str(tmp_path / "runs" / "tiny" / "last.pt")
+    for temperature in ("nan", "inf", "-inf", "-1"):
+        code, _, err = run_main(capsys, "sample", "--checkpoint", checkpoint,
+                                "--temperature", temperature, "--max_new_tokens", "3")
+        assert_one_line_error(code, err, "temperature must be a finite number >= 0",
+                              f"got {float(temperature)}")
+    code, out, _ = run_main(capsys, "sample", "--checkpoint", checkpoint, "--temperature", "0",
+                            "--max_new_tokens", "3")
+    assert code == 0 and out
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--lr", "-1e-3"], ["lr must be a positive number, got -0.001"]),
+    (["train", "--lr", "-1E+3"], ["lr must be a positive number, got -1000.0"]),
+    (["train", "--lr", "-3."], ["lr must be a positive number, got -3.0"]),
+    (["train", "--lr", "-inf"], ["lr must be a positive number, got -inf"]),
+    (["train", "--weight_decay", "-1e-2"], ["weight_decay must be a finite number >= 0"]),
+    (["train", "--min-lr", "-nan"], ["min_lr must be a finite number >= 0, got nan"]),
+    (["train", "--max_steps", "-1e3"], ["max_steps expects int, got '-1e3'"]),
+    (["sample", "--checkpoint", "/nonexistent/last.pt", "--temperature", "-1e-1"],
+     ["temperature must be a finite number >= 0", "got -0.1"]),
+    (["sample", "--checkpoint", "/nonexistent/last.pt", "--temperature", "nan"],
+     ["temperature must be a finite number >= 0", "got nan"]),  # checked before loading
+    (["train", "--name", "-x"], ["argument --name: expected one argument"]),  # not a number
+    (["train", "--resume", "-1e-3"], ["unrecognized arguments: -1e-3"]),  # a flag takes none
+])
+def test_negative_numbers_in_any_float_syntax_reach_the_field_checks(capsys, argv, fragments):
+    code, _, err = run_main(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_option_values_reach_the_config(capsys, monkeypatch):
+    configs = []
+    monkeypatch.setattr(cli, "cmd_train", lambda args: configs.append(cli._config(args)) or 0)
+    code, _, err = run_main(capsys, "train", "--preset", "cpu", "--lr", "2e-3", "--seed", "-5",
+                            "--min_lr", "1e-5", "--name", "-1e5")
+    assert code == 0, err
+    assert (configs[0].lr, configs[0].seed, configs[0].min_lr, configs[0].name) == (
+        2e-3, -5, 1e-5, "-1e5")
+
+
+HEAVY = ("torch", "triton", "numpy", "tokenizers")
+
+
+def test_parsing_and_validating_a_config_import_nothing_heavy():
+    code = f"""if True:
+        import sys
+        from fastgpt import __version__, cli
+        parser = cli.build_parser()
+        config = cli._config(parser.parse_args(["train", "--preset", "cpu", "--lr", "1e-3"]))
+        assert config.lr == 1e-3 and config.name == "cpu"
+        assert parser.parse_args(["sample", "--run", "x"]).run == "x"
+        assert cli.main(["train", "--lr", "-1e-3"]) == 1  # a mistake answers before torch
+        print("heavy:", [m for m in {HEAVY!r} if m in sys.modules])
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout, result.stdout
+    assert "lr must be a positive number" in result.stderr
+
+
+@pytest.mark.parametrize("argv, expected, returncode", [
+    (["--version"], f"fastgpt {__version__}", 0), (["--help"], "train", 0),
+    (["train", "--help"], "--lr", 0), (["train", "--lr", "-1e-3"], "lr must be a positive", 1),
+])
+def test_help_version_and_mistakes_run_where_torch_cannot_be_imported(argv, expected,
+                                                                      returncode):
+    # None in sys.modules makes `import torch` raise ImportError
+    code = (f"import sys; sys.modules.update(dict.fromkeys({HEAVY!r}))\n"
+            "from fastgpt.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                            text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stdout + result.stderr
+    assert result.returncode == returncode
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what info says on a CPU")
+def test_info_on_a_cpu_says_verify_runs_the_triton_kernel_through_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "fastgpt", "info"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "cross_entropy" in line)
+    assert "unavailable" in line and "needs a CUDA GPU to train with it" in line
+    assert "`fastgpt verify` runs it here through Triton's interpreter" in line
+    assert "TRITON_INTERPRET=1" in line

@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +76,13 @@ def test_unknown_preset_and_field():
         make_config("big")
     with pytest.raises(FastGPTError, match="unknown config field"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_backend_names_live_without_torch_and_fastgpt_ops_re_exports_them():
+    from fastgpt import backends, ops
+    for name in ("BACKENDS", "KERNELS", "parse_backend", "BackendUnavailable", "UnknownBackend"):
+        assert getattr(ops, name) is getattr(backends, name), name
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, fastgpt.config; print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

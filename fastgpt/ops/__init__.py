@@ -20,49 +20,11 @@ import os
 
 import torch
 
-from fastgpt import FastGPTError
+from fastgpt.backends import (  # noqa: F401  (re-exported: fastgpt.ops.parse_backend etc.)
+    BACKENDS, KERNELS, BackendUnavailable, UnknownBackend, check_backend, parse_backend)
 from fastgpt.ops import reference
 
-BACKENDS = ("auto", "reference", "fused")
-
-# op name -> what its fused kernel is
-KERNELS = {
-    "cross_entropy": "Triton fused softmax-cross-entropy",
-    "adamw": "CUDA fused AdamW step",
-    "causal_attention": "CUDA fused causal attention",
-}
-
 _default_backend: str | None = None
-
-
-class BackendUnavailable(FastGPTError):
-    """backend="fused" was asked for an op whose kernel cannot run here."""
-
-
-class UnknownBackend(FastGPTError, ValueError):
-    """A backend name that is not one of BACKENDS."""
-
-
-def _check_backend(backend: str, source: str = "backend") -> str:
-    if backend not in BACKENDS:
-        raise UnknownBackend(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def parse_backend(spec: str, source: str = "backend") -> dict[str, str]:
-    """{op: backend} for every op from "auto" | "reference" | "fused" (all ops) or
-    "op=backend,op=backend" (the ops not named: "auto")."""
-    if "=" not in spec:
-        return dict.fromkeys(KERNELS, _check_backend(spec.strip(), source))
-    chosen = dict.fromkeys(KERNELS, "auto")
-    for item in spec.split(","):
-        op, _, backend = item.partition("=")
-        op = op.strip()
-        if op not in KERNELS:
-            raise UnknownBackend(f"{source}: unknown op {op!r} in {spec!r}; the ops are "
-                                 f"{', '.join(KERNELS)}")
-        chosen[op] = _check_backend(backend.strip(), f"{source} for {op}")
-    return chosen
 
 
 def set_backend(spec: str | None) -> str | None:
@@ -114,9 +76,10 @@ def _triton_status_on(device_index: int | None) -> tuple[bool, str]:
     if triton_interpreting():
         return True, (f"Triton {triton.__version__} through its interpreter "
                       f"(TRITON_INTERPRET=1): CPU tensors, slowly")
-    if device_index is None:
-        return False, ("needs a CUDA GPU (or TRITON_INTERPRET=1 to run it on the CPU "
-                       "through Triton's interpreter)")
+    if device_index is None:  # fastgpt verify sets TRITON_INTERPRET on a CPU
+        return False, ("needs a CUDA GPU to train with it; `fastgpt verify` runs it here "
+                       "through Triton's interpreter (TRITON_INTERPRET=1 uses it on CPU "
+                       "tensors, slowly)")
     name = torch.cuda.get_device_name(device_index)
     try:
         triton_ce.self_check(torch.device("cuda", device_index))
@@ -126,13 +89,32 @@ def _triton_status_on(device_index: int | None) -> tuple[bool, str]:
     return True, f"Triton {triton.__version__} on {name}"
 
 
-def _extension_status() -> tuple[bool, str]:
+def _adamw_status() -> tuple[bool, str]:
     from fastgpt.ops import extension
 
     ok, why = extension.load_extension()
-    if not ok and not torch.cuda.is_available() and extension.registered():
-        return True, f"{why}; fastgpt._C's CPU loop runs its arithmetic on CPU tensors"
-    return ok, why
+    if not torch.cuda.is_available():
+        if extension.registered():  # e.g. the CPU build, loaded by extension.build
+            return True, ("fastgpt._C's CPU loop (the kernel's arithmetic) on CPU tensors, "
+                          "which `fastgpt verify` tests; the CUDA kernel needs a CUDA GPU")
+        return False, why
+    if not ok:
+        return False, why
+    return _adamw_self_check_on(torch.cuda.current_device(), why)
+
+
+@functools.cache
+def _adamw_self_check_on(device_index: int, source: str) -> tuple[bool, str]:
+    """Whether the loaded AdamW kernel passes its self-check on this CUDA device."""
+    # The check runs the optimizer's reference step; imported here, as fastgpt.optim
+    # imports fastgpt.ops.
+    from fastgpt.optim import self_check
+
+    try:
+        self_check(torch.device("cuda", device_index))
+    except Exception as exc:
+        return False, f"{source}, but it failed its self-check ({type(exc).__name__}: {exc})"
+    return True, source
 
 
 def status(op: str) -> tuple[bool, str]:
@@ -141,7 +123,7 @@ def status(op: str) -> tuple[bool, str]:
     if op == "cross_entropy":
         ok, why = _triton_status()
     elif op == "adamw":
-        ok, why = _extension_status()
+        ok, why = _adamw_status()
     else:
         ok, why = _attention_status()
     return ok, f"{KERNELS[op]}: {why}"
@@ -191,7 +173,7 @@ def _fused_runs_on(op: str, device: torch.device) -> bool:
 
 def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
     """The backend that will run `op` on tensors on `device`: "reference" or "fused"."""
-    backend = get_backend(op) if backend is None else _check_backend(backend)
+    backend = get_backend(op) if backend is None else check_backend(backend)
     if backend == "reference":
         return "reference"
     ok, why = status(op)
