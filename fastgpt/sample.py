@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.model import GPT
 from fastgpt.train import pick_device
+
+
+def _check_sampling(temperature: float, top_k: int | None) -> None:
+    """Raise FastGPTError for a temperature or top_k that generate cannot sample with."""
+    if not (temperature >= 0 and math.isfinite(temperature)):  # nan fails both
+        raise FastGPTError("temperature must be a finite number >= 0 (0: always the "
+                           f"likeliest token), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FastGPTError(f"top_k must be at least 1, got {top_k}")
 
 
 @torch.no_grad()
@@ -19,10 +30,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     most likely tokens if top_k is set; temperature 0 picks the most likely token. The
     model sees at most its last context_length tokens.
     """
-    if temperature < 0:
-        raise FastGPTError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise FastGPTError(f"top_k must be at least 1, got {top_k}")
+    _check_sampling(temperature, top_k)
     model.eval()
     for _ in range(max_new_tokens):
         logits = model(idx[:, -model.context_length:])[:, -1, :].float()  # (B, V)
@@ -47,6 +55,7 @@ def sample_from_checkpoint(path: str, prompt: str = "\n", max_new_tokens: int = 
         raise FastGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
         raise FastGPTError(f"num_samples must be at least 1, got {num_samples}")
+    _check_sampling(temperature, top_k)  # before the checkpoint loads
     model, _, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
     target = pick_device(device)
     model.to(target)

@@ -49,6 +49,14 @@ def test_bad_sampling_settings(model):
         generate(model, prompt, 1, top_k=0)
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), float("-inf")])
+def test_a_temperature_that_is_not_finite_is_refused(model, temperature):
+    # nan made softmax nan (a traceback from multinomial); inf sampled uniform noise
+    message = f"temperature must be a finite number >= 0.*got {temperature}"
+    with pytest.raises(FastGPTError, match=message):
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 1, temperature=temperature)
+
+
 def test_sample_from_a_trained_checkpoint(tmp_path, corpus_file):
     train(tiny_config(tmp_path / "runs", corpus_file, max_steps=3))
     path = str(tmp_path / "runs" / "tiny" / "best.pt")
