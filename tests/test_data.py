@@ -2,7 +2,11 @@
 
 import hashlib
 import json
+import re
 import sysconfig
+import urllib.error
+import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +247,52 @@ def test_auto_uses_shakespeare_when_downloadable(fake_shakespeare):
     assert log[-1] == "corpus: shakespeare (auto: found or downloaded)"
 
 
+def _offline(monkeypatch) -> list:
+    """Every download fails as a refused connection; returns the URLs tried."""
+    tried = []
+
+    def refuse(url, *args, **kwargs):
+        tried.append(url)
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return tried
+
+
+def test_shakespeare_offline_error_names_the_cache_path_and_corpus_path(monkeypatch):
+    tried = _offline(monkeypatch)
+    with pytest.raises(FastGPTError) as info:
+        load_corpus("shakespeare", log=Lines())
+    message = str(info.value)
+    path = cache_dir() / "tinyshakespeare.txt"
+    assert message == (
+        f"cannot download tiny-shakespeare from {data_mod.SHAKESPEARE_URL} "
+        f"([Errno 111] Connection refused); a copy placed at {path} is used instead (checked "
+        f"by sha256), or --corpus PATH trains on any UTF-8 text file or directory "
+        f"(--corpus pystdlib works offline)")
+    assert "\n" not in message
+    assert tried == [data_mod.SHAKESPEARE_URL]
+
+    # following the advice: a copy at the path the message names is used, still offline
+    named = Path(re.search(r"a copy placed at (.+) is used instead", message).group(1))
+    named.parent.mkdir(parents=True)
+    named.write_bytes(FAKE_SHAKESPEARE.encode("utf-8"))
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256",
+                        hashlib.sha256(FAKE_SHAKESPEARE.encode("utf-8")).hexdigest())
+    log = Lines()
+    corpus = load_corpus("shakespeare", log=log)
+    assert corpus.name == "shakespeare" and corpus.text == FAKE_SHAKESPEARE
+    assert log == [] and len(tried) == 1  # no second download tried
+
+
+def test_auto_offline_logs_one_short_line(monkeypatch):
+    _offline(monkeypatch)
+    log = Lines()
+    assert load_corpus("auto", log=log).name == "pystdlib"
+    assert log == [f"corpus: pystdlib (offline fallback: cannot download tiny-shakespeare from "
+                   f"{data_mod.SHAKESPEARE_URL} ([Errno 111] Connection refused))"]
+
+
 # --- prepare ----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -346,6 +396,8 @@ def test_prepare_rebuilds_half_written_cache(small_corpus, tmp_path, damage):
     log = Lines()
     rebuilt = prepare(small_corpus, 300, root, log=log)
     assert log.mentions("encoding")  # rebuilt, not read
+    # without meta.json the cache is half-written: rebuilt as if absent; else with a note
+    assert log.mentions("failed its check") == (damage != "delete_meta")
     assert rebuilt.directory == directory
     assert rebuilt.meta == meta
     assert (directory / "tokens.bin").stat().st_size == 2 * meta["n_tokens"]
@@ -398,6 +450,95 @@ def test_prepare_refuses_tokenizer_larger_than_vocab_size(small_corpus, tmp_path
     tok = Tokenizer.train([small_corpus.text], vocab_size=320)
     with pytest.raises(FastGPTError, match="320 tokens but vocab_size is 300"):
         prepare(small_corpus, 300, tmp_path / "prepared", tokenizer=tok, log=Lines())
+
+
+def test_prepare_records_checksum_and_id_range_and_reuses_an_intact_cache(
+        small_corpus, tmp_path, monkeypatch):
+    root = tmp_path / "prepared"
+    first = prepare(small_corpus, 300, root, log=Lines())
+    tokens = (first.directory / "tokens.bin").read_bytes()
+    ids = np.frombuffer(tokens, dtype=np.uint16)
+    assert first.meta["format"] == data_mod.CACHE_FORMAT == 2
+    assert first.meta["tokens_crc32"] == zlib.crc32(tokens)
+    assert (first.meta["id_min"], first.meta["id_max"]) == (ids.min(), ids.max())
+    assert first.meta["id_max"] < first.tokenizer.vocab_size
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(Tokenizer, "train", no_training)
+    monkeypatch.setattr(data_mod, "CHECK_CHUNK", 1000)  # the check reads in many steps
+    log = Lines()
+    again = prepare(small_corpus, 300, root, log=log)
+    assert log == []  # no note, no training, no encoding
+    assert again.meta == first.meta
+    assert isinstance(again.train_ids, np.memmap)
+    assert np.array_equal(np.concatenate([again.train_ids, again.val_ids]), ids)
+
+
+def _edit_meta(directory: Path, **changes) -> None:
+    meta = json.loads((directory / "meta.json").read_text())
+    meta.update(changes)
+    for key in [key for key, value in changes.items() if value is None]:
+        del meta[key]
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _overwrite_tokens(directory: Path, ids: np.ndarray) -> None:
+    with open(directory / "tokens.bin", "r+b") as f:  # in place, same size
+        f.write(ids.astype(np.uint16).tobytes())
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "ids_beyond_vocab", "ids_beyond_vocab_new_crc32",
+                                    "two_ids_swapped", "edited_n_train", "edited_id_max",
+                                    "old_format"])
+def test_prepare_rebuilds_a_cache_that_fails_its_check(small_corpus, tmp_path, monkeypatch,
+                                                       damage):
+    root = tmp_path / "prepared"
+    first = prepare(small_corpus, 300, root, log=Lines())
+    directory, meta = first.directory, dict(first.meta)
+    expected = np.concatenate([first.train_ids, first.val_ids]).copy()
+    del first  # drop the memmap before touching its file
+    n = meta["n_tokens"]
+    if damage == "zeroed":
+        _overwrite_tokens(directory, np.zeros(n))
+        reason = "tokens.bin does not match its checksum"
+    elif damage.startswith("ids_beyond_vocab"):
+        garbage = np.full(n, 60000)
+        _overwrite_tokens(directory, garbage)
+        if damage.endswith("new_crc32"):  # the range check alone catches it
+            _edit_meta(directory, tokens_crc32=zlib.crc32(garbage.astype(np.uint16).tobytes()))
+        reason = "tokens.bin holds id 60000, beyond the tokenizer's 300"
+    elif damage == "two_ids_swapped":  # same size, same id range: only the checksum differs
+        i = int(np.flatnonzero(expected[:-1] != expected[1:])[-1])  # in the last step
+        swapped = expected.copy()
+        swapped[[i, i + 1]] = swapped[[i + 1, i]]
+        _overwrite_tokens(directory, swapped)
+        reason = "tokens.bin does not match its checksum"
+    elif damage == "edited_n_train":  # the train split would be "too small" for a run
+        _edit_meta(directory, n_train=3)
+        reason = f"meta.json's n_tokens {n}, n_train 3, n_val {meta['n_val']} disagree"
+    elif damage == "edited_id_max":
+        _edit_meta(directory, id_max=meta["id_max"] + 1)
+        reason = (f"tokens.bin holds ids {meta['id_min']}..{meta['id_max']}, meta.json says "
+                  f"{meta['id_min']}..{meta['id_max'] + 1}")
+    else:  # what fastgpt wrote before the cache recorded a checksum
+        _edit_meta(directory, format=1, tokens_crc32=None, id_min=None, id_max=None)
+        reason = "meta.json has format 1, not 2"
+
+    monkeypatch.setattr(data_mod, "CHECK_CHUNK", 1000)
+    log = Lines()
+    rebuilt = prepare(small_corpus, 300, root, log=log)
+    assert log[:1] == [f"token cache {directory} failed its check ({reason}): rebuilding it"]
+    assert sum("failed its check" in line for line in log) == 1
+    assert log.mentions("encoding")
+    assert rebuilt.directory == directory
+    assert rebuilt.meta == meta
+    assert np.array_equal(np.concatenate([rebuilt.train_ids, rebuilt.val_ids]), expected)
+    assert len(NextTokenDataset(rebuilt.train_ids, 64, "train")) == meta["n_train"] - 64
+    again = Lines()
+    prepare(small_corpus, 300, root, log=again)
+    assert again == []  # the rebuilt cache passes
 
 
 # --- NextTokenDataset -------------------------------------------------------------------------
@@ -453,6 +594,86 @@ def test_dataset_split_too_short_raises(n):
     assert "context_length" in message
     assert f"the val split has {n} tokens" in message
     assert "= 5" in message
+
+
+def _memmap_of(ids: np.ndarray, tmp_path: Path) -> np.memmap:
+    path = tmp_path / "ids.bin"
+    path.write_bytes(ids.astype(np.uint16).tobytes())
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+@pytest.mark.parametrize("kind", [
+    "list", "tuple", "int64 array", "int32 array", "uint16 array", "memmap", "int64 tensor",
+    "int32 tensor", "uint16 tensor",
+    pytest.param("cuda tensor", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a GPU"))])
+def test_dataset_accepts_any_1d_integer_sequence(kind, tmp_path):
+    ids = ((np.arange(40) * 37 + 11) % 500).astype(np.uint16)
+    token_ids = {
+        "list": lambda: ids.tolist(),
+        "tuple": lambda: tuple(ids.tolist()),
+        "int64 array": lambda: ids.astype(np.int64),
+        "int32 array": lambda: ids.astype(np.int32),
+        "uint16 array": lambda: ids,
+        "memmap": lambda: _memmap_of(ids, tmp_path),
+        "int64 tensor": lambda: torch.tensor(ids.tolist()),
+        "int32 tensor": lambda: torch.tensor(ids.tolist(), dtype=torch.int32),
+        "uint16 tensor": lambda: torch.tensor(ids.tolist()).to(torch.uint16),
+        "cuda tensor": lambda: torch.tensor(ids.tolist(), device="cuda"),
+    }[kind]()
+    reference = NextTokenDataset(ids, context_length=6)
+    ds = NextTokenDataset(token_ids, context_length=6)
+    assert len(ds) == len(reference) == 34
+    for i in range(len(ds)):
+        (x, y), (rx, ry) = ds[i], reference[i]
+        assert x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    starts = torch.tensor([0, 9, 33, 9])
+    for got, want in zip(ds.batch(starts), reference.batch(starts)):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert isinstance(ds.token_ids, np.ndarray)  # a tensor is converted once, not per batch
+    if kind == "memmap":
+        assert ds.token_ids is token_ids  # kept as it is, not copied
+
+
+def test_dataset_empty_list_is_a_too_short_split():
+    with pytest.raises(FastGPTError, match="the train split has 0 tokens"):
+        NextTokenDataset([], context_length=4, split="train")
+
+
+@pytest.mark.parametrize("token_ids, error, message", [
+    ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], TypeError,
+     "token_ids must be integers, got list with dtype float64"),
+    (np.arange(6, dtype=np.float32), TypeError,
+     "token_ids must be integers, got ndarray with dtype float32"),
+    (torch.arange(6, dtype=torch.float32), TypeError,
+     "token_ids must be integers, got Tensor with dtype torch.float32"),
+    (torch.arange(6, dtype=torch.bfloat16), TypeError,
+     "token_ids must be integers, got Tensor with dtype torch.bfloat16"),
+    ([True, False, True, False, True, True], TypeError,
+     "token_ids must be integers, got list with dtype bool"),
+    (torch.ones(6, dtype=torch.bool), TypeError,
+     "token_ids must be integers, got Tensor with dtype torch.bool"),
+    (["a", "b", "c", "d", "e", "f"], TypeError,
+     "token_ids must be integers, got list with dtype <U1"),
+    ("hello world", TypeError, "token_ids must be a 1-D sequence of integers, got str"),
+    (b"hello world", TypeError, "token_ids must be a 1-D sequence of integers, got bytes"),
+    (None, TypeError, "token_ids must be a 1-D sequence of integers, got NoneType"),
+    (7, TypeError, "token_ids must be a 1-D sequence of integers, got int"),
+    (np.zeros((3, 6), dtype=np.int64), ValueError,
+     "token_ids must be 1-D, got ndarray with shape (3, 6)"),
+    ([[1, 2, 3], [4, 5, 6]], ValueError, "token_ids must be 1-D, got list with shape (2, 3)"),
+    (torch.zeros(2, 6, dtype=torch.int64), ValueError,
+     "token_ids must be 1-D, got Tensor with shape (2, 6)"),
+    ([[1, 2, 3], [4, 5]], ValueError, "token_ids must be 1-D, got a ragged list"),
+    ([3, 1, 4, 1, -5, 9], ValueError, "token ids must be >= 0, got -5 in list"),
+    (np.array([3, -7, 4, 1, 5, 9]), ValueError, "token ids must be >= 0, got -7 in ndarray"),
+    (torch.tensor([3, 1, 4, -2, 5, 9]), ValueError, "token ids must be >= 0, got -2 in Tensor"),
+])
+def test_dataset_rejects_what_is_not_1d_integer_ids(token_ids, error, message):
+    with pytest.raises(error) as info:
+        NextTokenDataset(token_ids, context_length=4)
+    assert str(info.value) == message
 
 
 # --- make_loader ------------------------------------------------------------------------------
