@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
+import pytest
+import torch
+
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import TrainConfig, make_config
+from fastgpt.train import read_metrics
 
 TINY = dict(context_length=16, d_model=32, num_heads=2, num_layers=2, dropout=0.1,
             batch_size=8, lr=3e-3, max_steps=6, eval_interval=3, eval_batches=2,
@@ -21,3 +26,44 @@ def tiny_cli_args(runs_dir: Path, corpus: Path, **overrides) -> list[str]:
     for field, value in values.items():
         args += [f"--{field}", str(value)]
     return args
+
+
+TIMINGS = ("elapsed_s", "tokens_per_s")  # the only fields two runs may differ in
+
+
+def every_record(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, every field of every record but the wall-clock ones."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS}
+            for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+PROGRESS = ("step", "best_val_loss", "evals_since_best", "tokens_seen", "eval_pending")
+LOSSES = ("loss", "train_loss", "val_loss", "best_val_loss")
+
+
+def assert_same_run(resumed: Path, whole: Path, loss_rtol: float = 0.0) -> None:
+    """A resumed run is the uninterrupted one: every metrics field, last.pt's and best.pt's
+    progress (step, best val loss, evals since best, tokens seen) and weights, all exactly.
+    With loss_rtol > 0 (runs whose sums go in another order, e.g. over another number of
+    ranks) the losses agree within it and the weights are not compared; the rest is exact."""
+    def compare(got: dict, expected: dict, where) -> None:
+        if loss_rtol == 0:
+            assert got == expected, where
+            return
+        assert got.keys() == expected.keys(), where
+        for key in got:
+            if key in LOSSES:
+                assert got[key] == pytest.approx(expected[key], rel=loss_rtol), (where, key)
+            else:
+                assert got[key] == expected[key], (where, key)
+
+    mine, want = every_record(resumed), every_record(whole)
+    assert len(mine) == len(want)
+    for got, expected in zip(mine, want):
+        compare(got, expected, ("metrics.jsonl", expected))
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(resumed / name), load_checkpoint(whole / name)
+        compare({k: a.get(k) for k in PROGRESS}, {k: b.get(k) for k in PROGRESS}, name)
+        if loss_rtol == 0:
+            assert a["model"].keys() == b["model"].keys()
+            assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name

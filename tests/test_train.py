@@ -15,7 +15,7 @@ from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT
 from fastgpt.train import NonFiniteLoss, lr_at, read_metrics, resume_config, train
-from helpers import tiny_cli_args, tiny_config
+from helpers import assert_same_run, tiny_cli_args, tiny_config
 
 
 def records(run_dir: Path, kind: str) -> list[tuple]:
@@ -24,10 +24,6 @@ def records(run_dir: Path, kind: str) -> list[tuple]:
                 if r["kind"] == "train"]
     return [(r["step"], r["train_loss"], r["val_loss"])
             for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
-
-
-def final_params(run_dir: Path) -> dict:
-    return load_checkpoint(run_dir / "last.pt")["model"]
 
 
 def test_training_learns_and_writes_its_outputs(tmp_path, corpus_file):
@@ -64,9 +60,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, real_tex
     train(resume_config(str(runs), "split", {"max_steps": 30}), resume=True)
 
     assert records(runs / "split", "train") == records(runs / "whole", "train")
-    assert records(runs / "split", "eval") == records(runs / "whole", "eval")
-    whole, split = final_params(runs / "whole"), final_params(runs / "split")
-    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    assert_same_run(runs / "split", runs / "whole")
 
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus_file):
@@ -92,10 +86,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus
 
     train(resume_config(str(runs), "stopped", {}), resume=True)
     train(tiny_config(runs, corpus_file, name="whole", **settings))
-    assert records(runs / "stopped", "train") == records(runs / "whole", "train")
-    assert records(runs / "stopped", "eval") == records(runs / "whole", "eval")
-    whole, resumed = final_params(runs / "whole"), final_params(runs / "stopped")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert_same_run(runs / "stopped", runs / "whole")
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file,
@@ -250,10 +241,8 @@ def test_resume_after_a_crash_before_the_first_eval(tmp_path, corpus_file, monke
         f.write('{"kind": "train", "step": 3, "lo')  # a line torn by the crash
 
     train(resume_config(str(runs), "crashed", {}), resume=True)
-    assert records(crashed, "train") == records(runs / "whole", "train")
     assert records(crashed, "eval") == records(runs / "whole", "eval")  # step 0 once
-    assert (load_checkpoint(crashed / "last.pt")["evals_since_best"]
-            == load_checkpoint(runs / "whole" / "last.pt")["evals_since_best"])
+    assert_same_run(crashed, runs / "whole")
 
 
 def test_resume_applies_new_hyperparameters_but_refuses_new_decay_groups(tmp_path, corpus_file):
@@ -327,3 +316,179 @@ def test_training_goes_on_without_matplotlib(tmp_path, corpus_file, monkeypatch,
     run_dir = tmp_path / "runs" / "tiny"
     assert (run_dir / "last.pt").exists() and not (run_dir / "loss.png").exists()
     assert capsys.readouterr().out.count("matplotlib is not installed") == 1  # said once
+
+
+# --- progress across a resume, best.pt across a kill, stops during an eval --------------
+
+
+class ScriptedEvals:
+    """estimate_loss returns the val loss a test wants (train: 0.5 more), so that the test
+    decides which evals improve. The first run scripted (an uninterrupted one) gets
+    val_losses[i] at its i-th eval, and the model's weights at that eval are remembered;
+    a later run gets the value of the eval whose weights it has, so a resumed run sees
+    the same values at the same steps (its weights are the same bits; other weights are a
+    KeyError)."""
+
+    def __init__(self, monkeypatch, val_losses: list[float]):
+        self.val_losses, self.by_weights = val_losses, {}
+        self.recording = True
+        monkeypatch.setattr(train_module, "estimate_loss", self)
+
+    def __call__(self, model, *args, **kwargs) -> dict[str, float]:
+        weights = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
+        if self.recording:
+            self.by_weights[weights] = self.val_losses[len(self.by_weights)]
+        value = self.by_weights[weights]
+        return {"train": value + 0.5, "val": value}
+
+
+def test_a_resume_keeps_the_best_val_loss_patience_and_tokens_seen(tmp_path, corpus_file,
+                                                                   monkeypatch):
+    # best at step 3; steps 6, 9, 12 do not improve: patience 3 stops the run at step 12.
+    # A resume at step 6 that forgot best_val_loss would take step 9 for the best (best.pt
+    # overwritten), one that forgot evals_since_best would not stop at 12, one that forgot
+    # tokens_seen would write other eval records.
+    evals = ScriptedEvals(monkeypatch, [5.0, 4.0, 4.5, 4.6, 4.7])  # at steps 0, 3, ..., 12
+    runs = tmp_path / "runs"
+    settings = dict(max_steps=30, eval_interval=3, patience=3, log_interval=2)
+    summary = train(tiny_config(runs, corpus_file, name="whole", **settings))
+    assert (summary["step"], summary["stopped"]) == (12, "early_stop")
+    evals.recording = False
+
+    train(tiny_config(runs, corpus_file, name="split", **{**settings, "max_steps": 6}))
+    summary = train(resume_config(str(runs), "split", {"max_steps": 30}), resume=True)
+    assert (summary["step"], summary["stopped"]) == (12, "early_stop")
+    assert load_checkpoint(runs / "split" / "best.pt")["step"] == 3
+    assert_same_run(runs / "split", runs / "whole")
+
+
+# The saves of a run whose evals at steps 0, 3, 9 improve and at 6 does not: best.pt and
+# last.pt at 0 and 3, last.pt alone at 6, both at 9.
+SAVES = 7
+
+
+@pytest.mark.parametrize("crash_after", range(1, SAVES))
+def test_best_pt_is_never_staler_than_last_pt_wherever_a_kill_cuts_the_saves(
+        tmp_path, corpus_file, monkeypatch, crash_after):
+    evals = ScriptedEvals(monkeypatch, [5.0, 4.0, 4.5, 3.0])  # at steps 0, 3, 6, 9
+    runs = tmp_path / "runs"
+    settings = dict(max_steps=9, eval_interval=3)
+    train(tiny_config(runs, corpus_file, name="whole", **settings))
+    evals.recording = False
+
+    real_save, saved = train_module.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saved.append(path.name)
+        if len(saved) == crash_after:
+            raise KeyboardInterrupt  # stands in for kill -9 right after this rename
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(runs, corpus_file, name="killed", **settings))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    killed = runs / "killed"
+
+    best = load_checkpoint(killed / "best.pt")  # the first save is always best.pt
+    if (killed / "last.pt").exists():
+        last = load_checkpoint(killed / "last.pt")
+        # best.pt holds the best val loss recorded up to last.pt's step, or a newer one
+        assert best["best_val_loss"] <= last["best_val_loss"]
+        best_step = next(r["step"] for r in read_metrics(killed / "metrics.jsonl")
+                         if r["kind"] == "eval" and r["val_loss"] == last["best_val_loss"])
+        assert best["step"] >= best_step
+    else:  # killed after best.pt's first write: following the refusal's advice resumes it
+        with pytest.raises(FastGPTError, match="has best.pt but no last.pt"):
+            resume_config(str(runs), "killed", {})
+        (killed / "last.pt").write_bytes((killed / "best.pt").read_bytes())
+    train(resume_config(str(runs), "killed", {}), resume=True)
+    assert_same_run(killed, runs / "whole")
+
+
+def test_a_stop_during_an_eval_abandons_it_and_the_resume_is_exact(tmp_path, corpus_file,
+                                                                  monkeypatch):
+    runs = tmp_path / "runs"
+    settings = dict(max_steps=6, eval_interval=3, eval_batches=20)
+    train(tiny_config(runs, corpus_file, name="whole", **settings))
+
+    real_loss, eval_batches, after_signal = GPT.loss, [], []
+
+    def loss_then_ctrl_c(self, idx, targets, **kwargs):  # GPT.loss: only evals call it
+        eval_batches.append(1)
+        if len(eval_batches) == 2 * 20 + 5:  # the 5th batch of the eval at step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        elif len(eval_batches) > 2 * 20 + 5:
+            after_signal.append(1)
+        return real_loss(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "loss", loss_then_ctrl_c)
+    summary = train(tiny_config(runs, corpus_file, name="stopped", **settings))
+    monkeypatch.setattr(GPT, "loss", real_loss)
+    assert (summary["step"], summary["stopped"]) == (3, "SIGINT")
+    assert after_signal == []  # not one batch more (an eval at the seed size: ~5 s a batch)
+    stopped = runs / "stopped"
+    checkpoint = load_checkpoint(stopped / "last.pt")
+    assert checkpoint["step"] == 3 and checkpoint["eval_pending"]
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")
+            if r["kind"] == "eval"] == [0]  # the cut eval left no record
+
+    summary = train(resume_config(str(runs), "stopped", {}), resume=True)
+    assert summary["step"] == 6
+    assert_same_run(stopped, runs / "whole")
+
+
+# --- what a newcomer sees ---------------------------------------------------------------
+
+
+def test_the_time_to_max_steps_is_said_once_early_on(tmp_path, corpus_file, capsys):
+    train(tiny_config(tmp_path / "runs", corpus_file, max_steps=12, eval_interval=6,
+                      log_interval=2))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "to max_steps=" in line]
+    assert len(lines) == 1, lines
+    # after 2 logs: the first step is not timed, the next two are
+    assert "s/step: about" in lines[0] and "(8 steps and 2 eval(s) of ~" in lines[0]
+    assert "--preset cpu" not in lines[0]  # seconds, not hours
+
+
+def test_the_estimate_counts_steps_and_evals_and_hints_at_the_cpu_preset():
+    from fastgpt.config import make_config
+    from fastgpt.train import eta_line
+    seed, cpu = make_config("seed"), make_config("cpu")
+    # the seed preset on this project's CPU: ~7 s/step; 20 evals of 50+50 batches, each
+    # batch a forward (~1/3 of a step): 233 s each
+    line = eta_line(10, seed, 7.0, None, torch.device("cpu"))
+    assert line.startswith("7 s/step: about 11 h 0 min to max_steps=5000 (4990 steps and "
+                           "20 eval(s) of ~4 min)")
+    assert "`--preset cpu` trains a smaller one in minutes" in line
+    assert "--preset cpu" not in eta_line(10, seed, 0.05, 1.0, torch.device("cuda"))
+    assert "--preset cpu" not in eta_line(10, seed, 7.0, None, torch.device("cuda"))
+    line = eta_line(10, cpu, 0.17, 3.0, torch.device("cpu"))
+    assert "about 3 min to max_steps=1000 (990 steps and 10 eval(s) of ~3 s)" in line
+    assert "--preset cpu" not in line
+
+
+def test_progress_lines_reach_a_file_before_a_kill_9(tmp_path, corpus_file):
+    runs = tmp_path / "runs"
+    out = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with out.open("w") as stdout:  # a file: Python block-buffers it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastgpt", "train",
+             *tiny_cli_args(runs, corpus_file, max_steps=100_000, eval_interval=100_000,
+                            batch_size=4, log_interval=1)],
+            stdout=stdout, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline and not any(
+                    r["kind"] == "train" and r["step"] >= 3
+                    for r in read_metrics(runs / "tiny" / "metrics.jsonl")):
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+    text = out.read_text()
+    # step 2's line is written before step 3's record: a kill after that must not lose it
+    for expected in ("estimating the loss on", "step      0: train", "step      1: loss",
+                     "step      2: loss"):
+        assert expected in text, text
