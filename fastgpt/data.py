@@ -226,12 +226,13 @@ def _read_cache(directory: Path, corpus: Corpus, vocab_size: int
     The check reads tokens.bin once, in CHECK_CHUNK steps, for its crc32 and id range. crc32
     because it was the fastest checksum measured and its job is accidental damage (a file
     zeroed, truncated or overwritten), not tampering: whoever can write tokens.bin can
-    rewrite meta.json too. Measured on 2 Xeon cores, page cache warm:
-      tiny-shakespeare, 575,345 ids (1.15 MB): crc32 0.22 ms (sha256 0.65, blake2b 1.20),
-        min+max 0.02 ms; the whole _read_cache 1.1 ms against a prepare of 1.1 s (0.1%)
-      a ~1 GB corpus, 400M ids (800 MB): crc32 0.35 s (sha256 0.70, blake2b 0.84), min+max
-        0.11 s; the whole _read_cache 0.48 s against a prepare of ~13-22 min (tokenizer
-        training 450-580 s/GB, encoding 300-740 s/GB, timed on 1.1 and 8.9 MB): <0.1%
+    rewrite meta.json too. Measured on the 2-core CI machine, page cache warm:
+      tiny-shakespeare, 575,345 ids (1.15 MB): crc32 0.22-0.27 ms (sha256 0.63-0.65,
+        blake2b 1.20), min+max 0.02 ms; the whole _read_cache 1.0-1.1 ms against a prepare
+        of 0.96-1.1 s (0.1%)
+      a ~1 GB corpus, 400M ids (800 MB): the chunked crc32 + min + max 0.22-0.46 s (two
+        sessions; sha256 alone 0.70 s) against a prepare of ~13-22 min (tokenizer training
+        450-580 s/GB, encoding 300-740 s/GB, timed on 1.1 and 8.9 MB): <0.1%
     """
     try:
         meta = json.loads((directory / "meta.json").read_text())
