@@ -1,19 +1,48 @@
 // Causal attention on the GPU, the entry points: input checks, then attention.cuh's kernels
 // launched on the current CUDA stream; registered as fastgpt::attention_forward (q, k, v ->
 // out, lse) and fastgpt::attention_backward (-> dq, dk, dv), which
-// fastgpt/ops/cuda_attention.py wraps.
-#include "attention.cuh"
+// fastgpt/ops/cuda_attention.py wraps. The kernels themselves are compiled in
+// attention_d32.cu, attention_d64.cu and attention_d128.cu.
+#include "attention_launch.cuh"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace fastgpt {
+
+FASTGPT_ATTENTION_HEAD_DIM(extern template, 32)
+FASTGPT_ATTENTION_HEAD_DIM(extern template, 64)
+FASTGPT_ATTENTION_HEAD_DIM(extern template, 128)
+
+void allow_dynamic_shared_memory(const void* kernel, int device, int bytes) {
+  static std::mutex mutex;
+  static std::map<int, int> available;                      // device -> opt-in maximum
+  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& allowed_bytes = allowed[{kernel, device}];
+  if (bytes <= allowed_bytes) return;
+  auto found = available.find(device);
+  if (found == available.end()) {
+    int optin = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    found = available.emplace(device, optin).first;
+  }
+  TORCH_CHECK(bytes <= found->second, "attention: this head dim needs ", bytes,
+              " bytes of shared memory per block in bf16/fp16; this GPU offers ", found->second,
+              " (use fp32 or the reference backend)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  allowed_bytes = bytes;
+}
+
 namespace {
 
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -52,29 +81,6 @@ at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
-// kernel<<<grid, threads, shared_bytes>>>(args...) on the current stream; shared memory past
-// the default 48 KiB is opted into first.
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, int threads, int shared_bytes, Args... args) {
-  if (shared_bytes > 48 * 1024) {
-    int device = 0, available = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&available, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(shared_bytes <= available, "attention: this head dim needs ", shared_bytes,
-                " bytes of shared memory per block in bf16/fp16; this GPU offers ", available,
-                " (use fp32 or the reference backend)");
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        shared_bytes));
-  }
-  kernel<<<grid, threads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// launch as the callable that attention.cuh's attention_*_launches take.
-constexpr auto kLaunch = [](auto kernel, dim3 grid, int threads, int shared_bytes,
-                            auto... args) { launch(kernel, grid, threads, shared_bytes, args...); };
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -83,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           int64_t offset) {
   check_attention_inputs(q, k, v, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_forward_launches(kLaunch, aligned16(q), aligned16(k), aligned16(v), scale,
-                                    dropout_p, seed, offset);
+  return attention_forward_launches(CudaLaunch{q.get_device()}, aligned16(q), aligned16(k),
+                                    aligned16(v), scale, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -103,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
               "attention_backward: lse must be contiguous float32 (B, H, T) on q's device, got ",
               lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_backward_launches(kLaunch, aligned16(q), aligned16(k), aligned16(v), out, lse,
-                                     aligned16(grad_out), scale, dropout_p, seed, offset,
-                                     deterministic);
+  return attention_backward_launches(CudaLaunch{q.get_device()}, aligned16(q), aligned16(k),
+                                     aligned16(v), out, lse, aligned16(grad_out), scale,
+                                     dropout_p, seed, offset, deterministic);
 }
 
 }  // namespace fastgpt

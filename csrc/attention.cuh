@@ -722,82 +722,114 @@ dim3 grid_of(int64_t batch_heads, int64_t T, int64_t tile) {
   return dim3(static_cast<unsigned>(batch_heads), static_cast<unsigned>((T + tile - 1) / tile));
 }
 
+}  // namespace
+
+// What one head dim's launches read and write: checked, contiguous, 16-byte aligned q, k,
+// v (and grad_out) of shape (B, H, T, D); out, lse (B, H, T) fp32; dr = rowsum(dO * O)
+// (B, H, T) fp32; dq fp32 (zeroed for the atomics unless deterministic), dk, dv.
+struct AttentionForward {
+  at::Tensor q, k, v, out, lse;
+  float scale;
+  DropoutArgs dropout;
+};
+struct AttentionBackward {
+  at::Tensor q, k, v, grad_out, lse, dr, dq, dk, dv;
+  float scale;
+  DropoutArgs dropout;
+  bool deterministic;
+};
+
+// The launches for head dim D, each kernel run as launch(kernel, grid, threads,
+// shared_bytes, args...). Templates with external linkage: the GPU build instantiates each
+// head dim in a translation unit of its own (attention_d32.cu, ...), so that they compile
+// in parallel; the CPU emulation instantiates them in its one file.
+template <int D, typename Launch>
+void attention_forward_head_dim(const Launch& launch, const AttentionForward& a) {
+  const int64_t batch_heads = a.q.size(0) * a.q.size(1), T = a.q.size(2);
+  if (a.q.scalar_type() == at::kFloat) {
+    launch(attention_forward_fp32_kernel<D>, grid_of(batch_heads, T, kRows), kRows * 32, 0,
+           ptr<const float>(a.q), ptr<const float>(a.k), ptr<const float>(a.v),
+           ptr<float>(a.out), ptr<float>(a.lse), T, a.scale, a.dropout);
+    return;
+  }
+  with_16bit_type(a.q.scalar_type(), [&](auto elem) {
+    using Elem = decltype(elem);
+    launch(attention_forward_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
+           kTcWarps * 32, forward_tc_smem<Elem, D>(), ptr<const Elem>(a.q),
+           ptr<const Elem>(a.k), ptr<const Elem>(a.v), ptr<Elem>(a.out), ptr<float>(a.lse), T,
+           a.scale, a.dropout);
+  });
+}
+
+template <int D, typename Launch>
+void attention_backward_head_dim(const Launch& launch, const AttentionBackward& a) {
+  const int64_t batch_heads = a.q.size(0) * a.q.size(1), T = a.q.size(2);
+  float* dq_atomic = a.deterministic ? nullptr : ptr<float>(a.dq);
+  if (a.q.scalar_type() == at::kFloat) {
+    launch(attention_backward_dkdv_fp32_kernel<D>, grid_of(batch_heads, T, kKeys),
+           kKeyWarps * 32, 0, ptr<const float>(a.q), ptr<const float>(a.k),
+           ptr<const float>(a.v), ptr<const float>(a.grad_out), ptr<const float>(a.lse),
+           ptr<const float>(a.dr), dq_atomic, ptr<float>(a.dk), ptr<float>(a.dv), T, a.scale,
+           a.dropout);
+    if (a.deterministic) {
+      launch(attention_backward_dq_fp32_kernel<D>, grid_of(batch_heads, T, kRows), kRows * 32,
+             0, ptr<const float>(a.q), ptr<const float>(a.k), ptr<const float>(a.v),
+             ptr<const float>(a.grad_out), ptr<const float>(a.lse), ptr<const float>(a.dr),
+             ptr<float>(a.dq), T, a.scale, a.dropout);
+    }
+    return;
+  }
+  with_16bit_type(a.q.scalar_type(), [&](auto elem) {
+    using Elem = decltype(elem);
+    const int shared_bytes = backward_tc_smem<Elem, D>();
+    launch(attention_backward_dkdv_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
+           kTcWarps * 32, shared_bytes, ptr<const Elem>(a.q), ptr<const Elem>(a.k),
+           ptr<const Elem>(a.v), ptr<const Elem>(a.grad_out), ptr<const float>(a.lse),
+           ptr<const float>(a.dr), dq_atomic, ptr<Elem>(a.dk), ptr<Elem>(a.dv), T, a.scale,
+           a.dropout);
+    if (a.deterministic) {
+      launch(attention_backward_dq_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
+             kTcWarps * 32, shared_bytes, ptr<const Elem>(a.q), ptr<const Elem>(a.k),
+             ptr<const Elem>(a.v), ptr<const Elem>(a.grad_out), ptr<const float>(a.lse),
+             ptr<const float>(a.dr), ptr<float>(a.dq), T, a.scale, a.dropout);
+    }
+  });
+}
+
 // (out, lse) for checked, contiguous, 16-byte aligned q, k, v of shape (B, H, T, D);
 // launch(kernel, grid, threads, shared_bytes, args...) runs each kernel.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> attention_forward_launches(
-    Launch&& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-    double dropout_p, int64_t seed, int64_t offset) {
-  const int64_t batch_heads = q.size(0) * q.size(1), T = q.size(2);
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), T}, q.options().dtype(at::kFloat));
-  const DropoutArgs dropout = dropout_args(dropout_p, seed, offset);
-  const float scale_f = static_cast<float>(scale);
+    const Launch& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
+  const AttentionForward a{q, k, v, at::empty_like(q),
+                           at::empty({q.size(0), q.size(1), q.size(2)},
+                                     q.options().dtype(at::kFloat)),
+                           static_cast<float>(scale), dropout_args(dropout_p, seed, offset)};
   with_head_dim(q.size(3), [&](auto head_dim) {
-    constexpr int D = decltype(head_dim)::value;
-    if (q.scalar_type() == at::kFloat) {
-      launch(attention_forward_fp32_kernel<D>, grid_of(batch_heads, T, kRows), kRows * 32, 0,
-             ptr<const float>(q), ptr<const float>(k), ptr<const float>(v), ptr<float>(out),
-             ptr<float>(lse), T, scale_f, dropout);
-      return;
-    }
-    with_16bit_type(q.scalar_type(), [&](auto elem) {
-      using Elem = decltype(elem);
-      launch(attention_forward_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
-             kTcWarps * 32, forward_tc_smem<Elem, D>(), ptr<const Elem>(q), ptr<const Elem>(k),
-             ptr<const Elem>(v), ptr<Elem>(out), ptr<float>(lse), T, scale_f, dropout);
-    });
+    attention_forward_head_dim<decltype(head_dim)::value>(launch, a);
   });
-  return {out, lse};
+  return {a.out, a.lse};
 }
 
 // (dq, dk, dv) for checked inputs as above, out and grad_out of q's shape and dtype, lse
 // (B, H, T) fp32; dQ by atomics unless deterministic.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_launches(
-    Launch&& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const Launch& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out, double scale,
     double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
-  const int64_t batch_heads = q.size(0) * q.size(1), T = q.size(2);
-  const at::Tensor dr = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);  // (B, H, T)
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = deterministic ? at::empty(q.sizes(), f32) : at::zeros(q.sizes(), f32);
-  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
-  const DropoutArgs dropout = dropout_args(dropout_p, seed, offset);
-  const float scale_f = static_cast<float>(scale);
-  float* dq_atomic = deterministic ? nullptr : ptr<float>(dq);
+  const AttentionBackward a{
+      q, k, v, grad_out, lse,
+      (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1),  // dr: (B, H, T)
+      deterministic ? at::empty(q.sizes(), f32) : at::zeros(q.sizes(), f32),
+      at::empty_like(k), at::empty_like(v), static_cast<float>(scale),
+      dropout_args(dropout_p, seed, offset), deterministic};
   with_head_dim(q.size(3), [&](auto head_dim) {
-    constexpr int D = decltype(head_dim)::value;
-    if (q.scalar_type() == at::kFloat) {
-      launch(attention_backward_dkdv_fp32_kernel<D>, grid_of(batch_heads, T, kKeys),
-             kKeyWarps * 32, 0, ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
-             ptr<const float>(grad_out), ptr<const float>(lse), ptr<const float>(dr), dq_atomic,
-             ptr<float>(dk), ptr<float>(dv), T, scale_f, dropout);
-      if (deterministic) {
-        launch(attention_backward_dq_fp32_kernel<D>, grid_of(batch_heads, T, kRows),
-               kRows * 32, 0, ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
-               ptr<const float>(grad_out), ptr<const float>(lse), ptr<const float>(dr),
-               ptr<float>(dq), T, scale_f, dropout);
-      }
-      return;
-    }
-    with_16bit_type(q.scalar_type(), [&](auto elem) {
-      using Elem = decltype(elem);
-      const int shared_bytes = backward_tc_smem<Elem, D>();
-      launch(attention_backward_dkdv_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
-             kTcWarps * 32, shared_bytes, ptr<const Elem>(q), ptr<const Elem>(k),
-             ptr<const Elem>(v), ptr<const Elem>(grad_out), ptr<const float>(lse),
-             ptr<const float>(dr), dq_atomic, ptr<Elem>(dk), ptr<Elem>(dv), T, scale_f, dropout);
-      if (deterministic) {
-        launch(attention_backward_dq_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
-               kTcWarps * 32, shared_bytes, ptr<const Elem>(q), ptr<const Elem>(k),
-               ptr<const Elem>(v), ptr<const Elem>(grad_out), ptr<const float>(lse),
-               ptr<const float>(dr), ptr<float>(dq), T, scale_f, dropout);
-      }
-    });
+    attention_backward_head_dim<decltype(head_dim)::value>(launch, a);
   });
-  return {dq.to(q.scalar_type()), dk, dv};
+  return {a.dq.to(q.scalar_type()), a.dk, a.dv};
 }
 
-}  // namespace
 }  // namespace fastgpt

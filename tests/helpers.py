@@ -9,6 +9,16 @@ from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import TrainConfig, make_config
 from fastgpt.train import read_metrics
 
+def gpu(test):
+    """A test that needs a CUDA GPU: skipped without one, marked `gpu` (bench/gpu_check.sh
+    --full runs every one; its quick stage those also marked `gpu_quick`)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+quick = pytest.mark.gpu_quick
+
+
 TINY = dict(context_length=16, d_model=32, num_heads=2, num_layers=2, dropout=0.1,
             batch_size=8, lr=3e-3, max_steps=6, eval_interval=3, eval_batches=2,
             log_interval=1, vocab_size=512)

@@ -20,6 +20,7 @@ import torch
 
 from fastgpt import ops
 from fastgpt.optim import AdamW, self_check
+from helpers import gpu, quick
 
 HAVE_NVCC = os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                         "bin", "nvcc"))
@@ -138,6 +139,17 @@ def test_fake_implementation_for_torch_compile(cpu_build):
                   None)
 
 
+def cuda_tool(name: str) -> str:
+    """A CUDA binary tool: the toolkit's, else the copy Triton ships (this CI machine's
+    toolkit has nvcc and ptxas but no cuobjdump)."""
+    import triton
+    for directory in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"),
+                      os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
+        if os.access(os.path.join(directory, name), os.X_OK):
+            return os.path.join(directory, name)
+    pytest.fail(f"no {name} in the CUDA toolkit or in Triton's package")
+
+
 @pytest.mark.skipif(not HAVE_NVCC, reason="no nvcc: set CUDA_HOME to a CUDA toolkit")
 def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
     code = textwrap.dedent(f"""
@@ -168,20 +180,35 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(tmp_path):
     frames = [log.splitlines()[i + 1] for i, line in enumerate(log.splitlines())
               if line in attention]
     assert all("0 bytes stack frame" in line for line in frames), frames
+    # the attention kernels compile in one translation unit per head dim, each nvcc run
+    # compiling its architectures in parallel
+    for name in ("attention.cu", "attention_d32.cu", "attention_d64.cu", "attention_d128.cu"):
+        assert f"csrc/{name} -o" in log, name
+    assert "--threads 0" in log
+    # SASS for sm_80 and sm_90, and compute_90 PTX for the GPUs after them
+    cuobjdump = cuda_tool("cuobjdump")
+    library = str(next(tmp_path.glob("fastgpt_C_cuda*.so")))
+    elves = subprocess.run([cuobjdump, "--list-elf", library], capture_output=True,
+                           text=True, check=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", library], capture_output=True,
+                         text=True, check=True).stdout
+    assert ".sm_80." in elves and ".sm_90." in elves, elves
+    assert ".sm_90." in ptx and ".sm_80." not in ptx, ptx
 
 
 # --- on a GPU ---------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @gpu
+@quick
 def test_the_kernel_builds_and_passes_its_self_check_on_this_gpu():
     ok, why = ops.available()["adamw"]
     assert ok, why  # a broken kernel must fail the GPU run, not skip its tests
 
 
 @gpu
+@quick
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_torch(dtype):
     sizes = [1, 3, 4, 5, 17, 1000, 65535, 65537, 10 ** 6 + 3, 10 ** 7]
@@ -214,6 +241,7 @@ def test_cuda_kernel_matches_torch(dtype):
 
 
 @gpu
+@quick
 def test_more_tensors_than_one_launch_holds():
     params = [torch.nn.Parameter(torch.randn(1000 + i, device="cuda")) for i in range(300)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -269,6 +297,7 @@ def test_capturable_bookkeeping(cpu_build):
 
 
 @gpu
+@quick
 def test_a_captured_step_replays_like_eager_steps():
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(n, generator=gen) for n in (1, 1000, 70000)]
@@ -374,6 +403,7 @@ def test_capturable_refuses_mixed_step_counts_in_a_group(cpu_build):
 
 
 @gpu
+@quick
 def test_a_tensor_cut_between_two_launches():
     # 20 small tensors fill 20 blocks; a 3e7-element tensor needs 458 more, so it is cut at
     # the 320-block limit and continues in the next launch's slot 0

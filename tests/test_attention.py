@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.ops import reference
+from helpers import gpu, quick
 
 REL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
@@ -229,22 +230,27 @@ def test_dropout_mask_is_the_cpu_op_s_mask_in_the_call_s_shape(cpu_extension):
 
 # --- on a GPU ----------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @gpu
+@quick
 def test_the_kernels_build_and_pass_their_self_check_on_this_gpu():
     from fastgpt import ops
     ok, why = ops.status("causal_attention")
     assert ok, why  # a broken kernel must fail the GPU run, not skip its tests
 
 
+# (T, D) of the quick GPU stage, each with every dtype and dropout: a tile and a half, a
+# long row with many tiles, the large head dim off a tile boundary, the small one
+QUICK_SHAPES = {(17, 64), (1000, 64), (255, 128), (64, 32)}
+
+
 @gpu
-@pytest.mark.parametrize("T", [1, 17, 64, 255, 256, 1000, 4096])
-@pytest.mark.parametrize("D", [32, 64, 128])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("T, D, dropout_p, dtype", [
+    pytest.param(T, D, dropout_p, dtype, id=f"{name}-{dropout_p}-{D}-{T}",
+                 marks=[quick] if (T, D) in QUICK_SHAPES else [])
+    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16"))
+    for dropout_p in (0.0, 0.1) for D in (32, 64, 128) for T in (1, 17, 64, 255, 256, 1000, 4096)])
 def test_cuda_kernels_against_fp64(T, D, dropout_p, dtype):
     """out, dq, dk, dv within errors_against_fp64's bounds (1e-4 relative in fp32;
     FlashAttention's 2x rule in bf16/fp16), and the lse within 1e-5 relative (fp32 always)."""
@@ -261,6 +267,7 @@ def test_cuda_kernels_against_fp64(T, D, dropout_p, dtype):
 
 
 @gpu
+@quick
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_the_deterministic_backward_repeats_bit_for_bit(dtype):
     from fastgpt.ops.cuda_attention import attention, errors_against_fp64
@@ -278,6 +285,7 @@ def test_the_deterministic_backward_repeats_bit_for_bit(dtype):
 
 
 @gpu
+@quick
 def test_dropout_draws_a_new_mask_per_call_and_follows_torch_manual_seed():
     from fastgpt import ops
     q, k, v = (t.cuda() for t in inputs(1, 2, 64, 64, torch.bfloat16, seed=6))
@@ -290,6 +298,7 @@ def test_dropout_draws_a_new_mask_per_call_and_follows_torch_manual_seed():
 
 
 @gpu
+@quick
 def test_non_contiguous_inputs_as_the_model_passes_them():
     from fastgpt import ops
     x = torch.randn(2, 40, 3 * 6 * 64, device="cuda", dtype=torch.bfloat16)
@@ -302,6 +311,7 @@ def test_non_contiguous_inputs_as_the_model_passes_them():
 
 
 @gpu
+@quick
 def test_cuda_kernels_reject_bad_inputs():
     from fastgpt import ops
     assert ops.status("causal_attention")[0]
@@ -320,6 +330,7 @@ def test_cuda_kernels_reject_bad_inputs():
 
 
 @gpu
+@quick
 def test_the_model_gives_the_same_loss_and_gradients_with_the_kernel():
     """GPT (dropout 0, fp32) with the reference attention against the same GPT with the fused
     kernel: the loss within 1e-6 relative and every gradient within 1e-5 of its tensor's

@@ -16,6 +16,7 @@ from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, save_chec
 from fastgpt.config import make_config
 from fastgpt.model import GPT
 from fastgpt.tokenizer import Tokenizer
+from helpers import gpu, quick
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_ADVICE = ("weights_only set to", "weights_only` set to", "Re-running", "False")
@@ -150,7 +151,8 @@ def test_the_walk_tells_apart_values_that_compare_or_print_alike(a, b):
     assert checksum_of({"x": a}) != checksum_of({"x": b})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
+@quick
 def test_checksum_does_not_depend_on_the_tensors_device(tmp_path, real_text):
     state = {**small_checkpoint(real_text), "extra": odd_values()}
     on_gpu = {**state, "model": {k: v.cuda() for k, v in state["model"].items()},

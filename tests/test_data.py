@@ -605,8 +605,9 @@ def _memmap_of(ids: np.ndarray, tmp_path: Path) -> np.memmap:
 @pytest.mark.parametrize("kind", [
     "list", "tuple", "int64 array", "int32 array", "uint16 array", "memmap", "int64 tensor",
     "int32 tensor", "uint16 tensor",
-    pytest.param("cuda tensor", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="needs a GPU"))])
+    pytest.param("cuda tensor", marks=[
+        pytest.mark.gpu, pytest.mark.gpu_quick,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_dataset_accepts_any_1d_integer_sequence(kind, tmp_path):
     ids = ((np.arange(40) * 37 + 11) % 500).astype(np.uint16)
     token_ids = {

@@ -23,19 +23,25 @@ import torch
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "adamw_cpu.cpp", "attention_cpu.cpp")
-CUDA_SOURCES = ("adamw.cu", "attention.cu")
-DEFAULT_ARCHS = "8.0;9.0"  # A100, H100; TORCH_CUDA_ARCH_LIST overrides
+# attention_d*.cu: one head dim's attention kernels each, so that they compile in parallel
+CUDA_SOURCES = ("adamw.cu", "attention.cu", "attention_d32.cu", "attention_d64.cu",
+                "attention_d128.cu")
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100, and PTX that newer GPUs JIT-compile
 
 
 def cuda_flags() -> list[str]:
-    """nvcc flags: -O3, the ptxas resource report (spills show up in the build log), and the
-    architectures of TORCH_CUDA_ARCH_LIST (default sm_80 and sm_90)."""
+    """nvcc flags: -O3, the ptxas resource report (spills show up in the build log), the
+    architectures of TORCH_CUDA_ARCH_LIST (default: SASS for sm_80 and sm_90, and PTX for
+    compute_90 where an arch says +PTX, so a newer GPU JIT-compiles it rather than falling
+    back to the reference), and --threads 0: nvcc compiles the architectures of a file in
+    parallel."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-    flags = ["-O3", "-Xptxas", "-v", "-lineinfo"]
+    flags = ["-O3", "-Xptxas", "-v", "-lineinfo", "--threads", "0"]
     for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
         if arch:
             number = arch.replace(".", "").replace("+PTX", "")
-            flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+            codes = [f"sm_{number}"] + ([f"compute_{number}"] if arch.endswith("+PTX") else [])
+            flags.append(f"-gencode=arch=compute_{number},code=[{','.join(codes)}]")
     return flags
 
 

@@ -1,0 +1,43 @@
+// How the GPU build launches attention.cuh's kernels (CudaLaunch), and the head dims it
+// instantiates in translation units of their own: attention_d32.cu, attention_d64.cu and
+// attention_d128.cu each compile one head dim's kernels (the long part of the build), so
+// that ninja and nvcc compile them in parallel; attention.cu declares them extern.
+#pragma once
+
+#include "attention.cuh"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace fastgpt {
+
+// Lets `kernel` use `bytes` of dynamic shared memory on `device` (past the default 48 KiB),
+// or fails saying the GPU has too little. Queries and sets the attributes once per kernel
+// and device: each costs host time that a launch should not pay every call.
+void allow_dynamic_shared_memory(const void* kernel, int device, int bytes);
+
+// kernel<<<grid, threads, shared_bytes>>>(args...) on `device`'s current stream (the
+// caller has made `device` current), with the launch checked.
+struct CudaLaunch {
+  int device;
+
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
+                  Args... args) const {
+    if (shared_bytes > 48 * 1024) {
+      allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), device, shared_bytes);
+    }
+    kernel<<<grid, threads, shared_bytes, c10::cuda::getCurrentCUDAStream(device)>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// FASTGPT_ATTENTION_HEAD_DIM(template, 32) in its own file; (extern template, 32) in
+// attention.cu, so that it does not compile them again.
+#define FASTGPT_ATTENTION_HEAD_DIM(KIND, D)                                               \
+  KIND void attention_forward_head_dim<D, CudaLaunch>(const CudaLaunch&,                  \
+                                                      const AttentionForward&);            \
+  KIND void attention_backward_head_dim<D, CudaLaunch>(const CudaLaunch&,                 \
+                                                       const AttentionBackward&);
+
+}  // namespace fastgpt
