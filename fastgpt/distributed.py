@@ -101,11 +101,13 @@ def teardown(ctx: Context, device: torch.device) -> None:
 
     The ranks wait for each other first, so none leaves while another still works (rank 0
     writing the last checkpoint). The group is freed, and gloo's worker threads joined,
-    once nothing holds it: here, or when the run's DDP model goes (with the traceback of
-    a non-finite loss). A group still alive at interpreter shutdown (held by torch._dynamo:
-    see setup) keeps them running, and a worker still releasing the last collective's
-    tensors then waits for the GIL and aborts the process ("terminate called without an
-    active exception"; about 1 two-rank CPU run in 40).
+    once nothing holds it: here, if the caller let go of the run's DDP model (after a
+    non-finite loss train() drops the traceback whose frames hold it: with torch 2.11 the
+    group otherwise outlived the run every time), else when that model goes. A group still
+    alive at interpreter shutdown (held by torch._dynamo: see setup) keeps them running,
+    and a worker still releasing the last collective's tensors then waits for the GIL and
+    aborts the process ("terminate called without an active exception"; about 1 two-rank
+    CPU run in 40).
     """
     if dist.is_initialized():
         barrier(ctx, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -299,8 +300,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
         if ctx.enabled:  # not after most errors: the barrier would wait for the others
             distributed.teardown(ctx, device)
         return summary
-    except NonFiniteLoss:  # every rank saw the same all-reduced loss and stops here
+    except NonFiniteLoss as exc:  # every rank saw the same all-reduced loss and stops here
         if ctx.enabled:
+            # The traceback's frames hold the run's DDP model, which holds the group: drop
+            # them (and the cycles they sit in) so that leaving the group frees it.
+            exc.with_traceback(None)
+            gc.collect()
             distributed.teardown(ctx, device)
         raise
     except RuntimeError as exc:  # NCCL's DistBackendError, gloo's plain RuntimeError

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastgpt import ops
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# quality.py's fused run needs the cross-entropy kernel (on a CPU through the interpreter)
+needs_fused_cross_entropy = pytest.mark.skipif(
+    not ops.available()["cross_entropy"][0],
+    reason=f"the fused cross_entropy cannot run here: {ops.available()['cross_entropy'][1]}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
@@ -114,6 +121,7 @@ def test_train_benchmark_fails_loudly_when_a_variant_learns_wrong(monkeypatch, c
     assert "FAILED" in err and "tiny/2: val loss" in err and "from variant 1's" in err
 
 
+@needs_fused_cross_entropy
 def test_quality_trains_both_backends_and_compares_them(tmp_path, corpus_file):
     out_dir = tmp_path / "quality"
     result = subprocess.run(
@@ -134,6 +142,7 @@ def test_quality_trains_both_backends_and_compares_them(tmp_path, corpus_file):
         assert (out_dir / f"cpu-{path}" / "metrics.jsonl").exists()
 
 
+@needs_fused_cross_entropy
 def test_quality_catches_a_kernel_that_learns_wrong(tmp_path, corpus_file, monkeypatch):
     quality = _import_bench("quality")
     from fastgpt.ops import reference

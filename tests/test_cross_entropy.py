@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from fastgpt import FastGPTError, ops
 from fastgpt.model import GPT
 from fastgpt.verify import FP32_RELATIVE, low_precision_grad_ok
+from helpers import quick
 
 # On a GPU these run natively and a kernel that fails its self-check fails them (it is not
 # skipped); without one they need Triton's interpreter.
-pytestmark = pytest.mark.skipif(
+# Every test here is a GPU test where there is one (marked gpu: the full GPU matrix of
+# bench/gpu_check.sh --full; `quick` the ones of its quick stage).
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() and not ops.available()["cross_entropy"][0],
-    reason=f"fused cross_entropy unavailable: {ops.available()['cross_entropy'][1]}")
+    reason=f"fused cross_entropy unavailable: {ops.available()['cross_entropy'][1]}")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,6 +132,7 @@ def test_several_rows_per_program_and_row_counts_off_the_block():
         assert_matches_torch(logits, targets, block_v=128, block_rows=8)
 
 
+@quick
 @pytest.mark.parametrize("V", [512, 1000, 50257])
 def test_the_gpu_default_tile_sizes(V):
     # Through the interpreter the default tiles are larger (few programs); here the GPU's
@@ -143,6 +147,7 @@ def test_the_gpu_default_tile_sizes(V):
                              block_rows=block_rows)
 
 
+@quick
 def test_extreme_logits():
     logits, targets = random_case(8, 300, torch.float32, seed=3)
     logits[0] = 1e4                                  # all equal and huge
@@ -162,6 +167,7 @@ def test_extreme_logits():
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
 
 
+@quick
 def test_confident_row_in_bf16_keeps_the_target_gradient():
     # p(target) ~ 0.9999: the target's gradient p - 1 ~ -1e-4 must not round to 0 (the bug
     # Liger-Kernel fixed by computing it in fp32); 1% of it is far below bf16's own
@@ -181,6 +187,7 @@ def test_confident_row_in_bf16_keeps_the_target_gradient():
     assert ((got - want).abs() <= 0.01 * want.abs()).all()
 
 
+@quick
 def test_non_contiguous_logits():
     base, targets = random_case(12, 600, torch.float32, seed=4)
     strided = base.t().contiguous().t()              # column-major: stride (1, 12)
@@ -190,6 +197,7 @@ def test_non_contiguous_logits():
     assert_matches_torch(every_other_row, targets, block_v=128)  # row stride 1200
 
 
+@quick
 def test_caller_logits_are_never_overwritten():
     logits, targets = random_case(10, 100, torch.bfloat16)
     before = logits.clone()
@@ -210,6 +218,7 @@ def test_no_grad_and_logits_without_grad():
     assert loss != 0  # the "loss 0 without grad" bug of other fused losses
 
 
+@quick
 def test_backward_uses_each_rows_own_grad_output():
     logits, targets = random_case(6, 40, torch.float32)
     x = logits.clone().requires_grad_()
@@ -252,6 +261,7 @@ def test_bad_inputs():
               block_v=6)
 
 
+@quick
 def test_model_gives_the_same_loss_and_gradients_on_both_backends():
     torch.manual_seed(0)
     model = GPT(vocab_size=512, context_length=16, d_model=32, num_heads=2, num_layers=2,
@@ -389,6 +399,27 @@ def test_more_than_2_to_the_31_logits():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@quick
 def test_the_kernel_compiles_and_passes_its_self_check_on_this_gpu():
     ok, why = ops.available()["cross_entropy"]
     assert ok, why
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, runs", [
+    ("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.6", True),
+    ("3.8.0", "2.5.0", True), ("3.10.1", "2.4.0", True), ("3.5.1+git1234", "2.4.0rc1", False),
+])
+def test_the_interpreter_range_that_runs_the_kernel(monkeypatch, triton_version,
+                                                    numpy_version, runs):
+    # measured with bench/compat.sh: triton 3.6.0 + numpy 2.4.6 fails every interpreted
+    # test ("only 0-dimensional arrays can be converted to Python scalars"); 3.6.0 + 2.3.5
+    # and 3.8.0 + 2.4.6 pass
+    import numpy
+    import triton
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = ops.interpreter_problem()
+    assert (problem is None) == runs
+    if not runs:
+        assert f"Triton {triton_version}'s interpreter cannot run the kernel" in problem
+        assert "triton>=3.7 or numpy<2.4" in problem

@@ -60,6 +60,29 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the cross-entropy kernel here, or None.
+
+    Triton before 3.7 turns a runtime loop bound (the kernel's `range(0, n_cols, BLOCK_V)`)
+    into a Python int with int() of a 1-element array, which NumPy 2.4 refuses (a
+    DeprecationWarning before it); Triton 3.7 squeezes the array first. Compiled for a GPU
+    the kernel does not meet this."""
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernel with "
+                f"NumPy {numpy.__version__} (its loop bounds go through int() of a "
+                f"1-element array, an error since NumPy 2.4): use triton>=3.7 or "
+                f"numpy<2.4 to run it on the CPU")
+    return None
+
+
 def _triton_status() -> tuple[bool, str]:
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
     return _triton_status_on(device)
@@ -74,6 +97,9 @@ def _triton_status_on(device_index: int | None) -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or a Triton install that cannot load
         return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
     if triton_interpreting():
+        problem = interpreter_problem()
+        if problem:
+            return False, problem
         return True, (f"Triton {triton.__version__} through its interpreter "
                       f"(TRITON_INTERPRET=1): CPU tensors, slowly")
     if device_index is None:  # fastgpt verify sets TRITON_INTERPRET on a CPU
