@@ -1,15 +1,29 @@
-"""Markdown tables from the benchmarks' JSON results (bench_cross_entropy.py, bench_adamw.py,
-bench_attention.py, bench_train.py), for bench/results/: gpu_check.sh writes its report and the results
-README with it, so that every published number comes from a run's own files.
+"""Markdown from the GPU check's files: the benchmarks' JSON results (bench_cross_entropy.py,
+bench_adamw.py, bench_attention.py, bench_train.py) as tables, and a whole run directory of
+bench/gpu_check.py as the published report, so that every published number comes from a
+run's own files.
 
-    python bench/report.py RESULT.json [RESULT.json ...]
+    python bench/report.py RESULT.json [RESULT.json ...]     # the tables, on stdout
+    python bench/report.py --from DIR [DIR ...] [--results RESULTS]    # a run's report
+
+--from assembles whatever stages DIR holds (with several: a run and its reruns, the last
+to finish a stage giving its record): those a killed run was running are marked "cut
+off", those it never reached "not reached (budget)". It writes RESULTS (default
+bench/results/) <date>-<gpu>.md and .json, the run's log and benchmark results beside them,
+and rewrites RESULTS/README.md. It needs no GPU and no torch: the files of a run cut short
+on the GPU machine are assembled on any machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -129,14 +143,152 @@ def render(paths: list[Path]) -> str:
     return "\n".join(sections)
 
 
-def main() -> int:
-    paths = [Path(p) for p in sys.argv[1:]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
+STATUS = {"pass": "PASS", "fail": "FAIL", "timeout": "TIMEOUT", "skip": "SKIP",
+          "running": "CUT OFF"}
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_records(*run_dirs: Path) -> list[dict]:
+    """Every stage planned in the runs, in their planned order: its record (from the last
+    run that finished it: a rerun of the stages a first run did not reach or finish adds
+    to it), or {"stage", "status": "not reached"} where no run has one (a run killed
+    before it)."""
+    return [record for record, _ in _merged(run_dirs)]
+
+
+def _merged(run_dirs) -> list[tuple[dict, Path | None]]:
+    """run_records, each with the directory its record came from (None: not reached)."""
+    planned, records = [], {}
+    for run_dir in run_dirs:
+        for entry in (_read(run_dir / "plan.json") or {"stages": []})["stages"]:
+            name = entry["stage"]
+            if name not in records:
+                planned.append(name)
+                records[name] = ({**entry, "status": "not reached"}, None)
+            record = _read(run_dir / f"{name}.json")
+            if record and (record["status"] != "running"
+                           or records[name][0]["status"] in ("not reached", "running")):
+                records[name] = (record, run_dir)
+    return [records[name] for name in planned]
+
+
+def stage_table(records: list[dict]) -> str:
+    rows = []
+    for r in records:
+        status = STATUS.get(r["status"], r["status"].upper())
+        if r["status"] == "running":
+            note = "the run was killed while this stage ran"
+        elif r["status"] == "not reached":
+            note = "not reached (budget: the run ended before it)"
+        elif r["status"] == "timeout":
+            note = f"overran its share ({r.get('timeout_s', '?')} s) and was killed"
+        else:
+            note = r.get("reason", "")
+        seconds = r.get("seconds")
+        time_s = "" if seconds is None or r["status"] == "skip" else f"{seconds:.0f} s"
+        rows.append([r["stage"], status, time_s, note])
+    return "\n".join(_table(["stage", "result", "time", "note"], rows))
+
+
+def _stem(environment: dict) -> str:
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", environment.get("gpu") or "unknown-gpu").strip("-")
+    return f"{environment.get('date', 'undated')}-{gpu}"
+
+
+def _commit(environment: dict) -> str:
+    commit = environment.get("commit")
+    if commit is None or environment.get("dirty") is None and not environment.get("commit_from"):
+        return f"commit {commit or 'not recorded'}"  # unknown, and why
+    if environment.get("commit_from"):
+        return f"commit `{commit[:12]}` (as {environment['commit_from']} stated: no git there)"
+    return f"commit `{commit[:12]}`" + (" (with uncommitted changes)" if environment["dirty"]
+                                        else "")
+
+
+def assemble(run_dirs: Path | list[Path], results_dir: Path) -> list[Path]:
+    """The report of the run in `run_dirs` (a directory, or a run and its reruns), written
+    to `results_dir` (see the module's docstring). Returns the files written."""
+    run_dirs = [run_dirs] if isinstance(run_dirs, Path) else list(run_dirs)
+    environment = next((e for e in (_read(d / "environment.json") for d in run_dirs) if e), {})
+    merged = _merged(run_dirs)
+    records = [record for record, _ in merged]
+    stem = _stem(environment)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written, tables, results = [], [], {}
+    for r, run_dir in merged:
+        path = (run_dir or run_dirs[0]) / f"{r['stage']}.result.json"
+        if run_dir is None or not path.exists():
+            continue
+        result = _read(path)
+        if result is None or result.get("benchmark") not in RENDER:
+            tables.append(f"#### {r['stage']}: its result file is unreadable (cut off while "
+                          f"it was written?)\n")
+            continue
+        results[r["stage"]] = result
+        tables.append(render([path]))
+        copy = results_dir / f"{stem}-{r['stage']}.json"
+        if copy.resolve() != path.resolve():
+            shutil.copyfile(path, copy)
+            written.append(copy)
+    logs = [d / "log.txt" for d in run_dirs if (d / "log.txt").exists()]
+    log_copy = results_dir / f"{stem}.log"
+    if logs and [log.resolve() for log in logs] != [log_copy.resolve()]:
+        log_copy.write_bytes(b"".join(log.read_bytes() for log in logs))
+        written.append(log_copy)
+    where = (f"{environment.get('gpu') or 'unknown GPU'}, "
+             f"{environment.get('date', 'undated')}, {_commit(environment)}")
+    versions = ", ".join(f"{k} {environment[k]}" for k in ("driver", "cuda", "torch", "triton",
+                                                           "python") if k in environment)
+    table = stage_table(records)
+    body = "\n".join(tables) if tables else "No benchmark finished in this run.\n"
+    report = [f"# GPU check: {where}", "", f"Versions: {versions or 'not recorded'}.", "",
+              table, "", "## Results", "", body, "",
+              f"The log of every stage: [{stem}.log]({stem}.log)." if logs else ""]
+    (results_dir / f"{stem}.md").write_text("\n".join(report) + "\n")
+    (results_dir / f"{stem}.json").write_text(json.dumps(
+        {"environment": environment, "stages": records, "results": results}, indent=2) + "\n")
+    readme = ["# Results", "",
+              f"The latest `bash bench/gpu_check.sh` run: {where}. Its report, with every "
+              f"stage's log: [{stem}.md]({stem}.md). Loss quality (`bench/quality.py`) runs "
+              f"with `--full`; see bench/README.md."]
+    if (results_dir / "cpu.md").exists():  # hand-kept, never rewritten here
+        readme += ["", "The CPU figures (training step, quality run) are in [cpu.md](cpu.md)."]
+    readme += ["", table, "", body]
+    (results_dir / "README.md").write_text("\n".join(readme) + "\n")
+    written += [results_dir / f"{stem}.md", results_dir / f"{stem}.json",
+                results_dir / "README.md"]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Markdown from the GPU check's files")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="RESULT.json")
+    parser.add_argument("--from", dest="run_dirs", type=Path, nargs="+", metavar="DIR",
+                        help="a gpu_check run directory (and its reruns'): assemble the report")
+    parser.add_argument("--results", type=Path, default=BENCH / "results",
+                        help="where --from writes the report (default: bench/results/)")
+    args = parser.parse_args(argv)
+    if args.run_dirs:
+        for run_dir in args.run_dirs:
+            if not (run_dir / "plan.json").is_file():
+                print(f"report: {run_dir} is not a gpu_check run directory (no plan.json)",
+                      file=sys.stderr)
+                return 2
+        for path in assemble(args.run_dirs, args.results):
+            print(f"wrote {path}")
+        return 0
+    missing = [str(p) for p in args.paths if not p.is_file()]
+    if not args.paths or missing:
         print(f"usage: python bench/report.py RESULT.json ...; missing: {', '.join(missing)}",
               file=sys.stderr)
         return 2
-    print(render(paths), end="")
+    print(render(args.paths), end="")
     return 0
 
 
