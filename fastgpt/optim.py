@@ -131,15 +131,21 @@ class AdamW(torch.optim.Optimizer):
 
     def _clip_scale(self) -> torch.Tensor:
         """min(1, max_grad_norm / (global grad norm + 1e-6)) as a float32 tensor left on the
-        device: torch.nn.utils.clip_grad_norm_'s formula (for fp32 gradients its exact
-        arithmetic; for bf16/fp16 ones the norm is taken in fp32, where torch uses the
-        gradients' dtype)."""
+        device: torch.nn.utils.clip_grad_norm_'s formula and its order of reduction (for fp32
+        gradients its exact arithmetic; for bf16/fp16 ones the norm is taken in fp32, where
+        torch uses the gradients' dtype). One torch._foreach_norm per (device, dtype) of the
+        gradients (a multi-tensor launch on a GPU, not one per tensor), then the norm of
+        those norms: no host sync."""
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None]
         if not grads:
             return torch.ones(())
-        norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
         device = grads[0].device
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        norms = [norm for group in groups.values()
+                 for norm in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
         total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(torch.float32)
 

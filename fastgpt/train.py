@@ -74,7 +74,10 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    """bf16 autocast on `device` when bf16, else nothing (not an autocast that is off)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()

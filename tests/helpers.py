@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny config that trains in a second on a CPU."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,27 @@ def assert_same_run(resumed: Path, whole: Path, loss_rtol: float = 0.0) -> None:
         if loss_rtol == 0:
             assert a["model"].keys() == b["model"].keys()
             assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+
+
+FASTGPT_SOURCES = str(Path(__file__).resolve().parent.parent / "fastgpt")
+HOST_READS = {"item", "__bool__", "tolist", "__float__", "__int__", "__index__", "numpy"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a tensor's value into Python (.item(), bool(t), float(t),
+    .tolist(), ...) made by fastgpt's own code while active: on a GPU each is a device sync.
+    Tensors in `allowed` (host-side bookkeeping, e.g. the optimizer's CPU step counts) are
+    not recorded; reads made by other code (Triton's interpreter, torch) are not either."""
+
+    def __init__(self, allowed=()):
+        super().__init__()
+        self.allowed = {id(t) for t in allowed}
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS and args and id(args[0]) not in self.allowed:
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(FASTGPT_SOURCES):
+                self.reads.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+        return func(*args, **(kwargs or {}))

@@ -15,6 +15,7 @@ times. Tolerances (the rules live in fastgpt/verify.py, which `fastgpt verify` u
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -242,6 +243,8 @@ def test_a_second_backward_after_scaling_is_refused_not_wrong():
         loss.backward()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check is a device-side "
+                    "assert: test_an_out_of_range_target_on_a_gpu_is_a_device_side_assert")
 @pytest.mark.parametrize("targets, message", [
     ([0, 7], "target 7 is out of range for 7 classes"),
     ([-5, 1], "target -5 is out of range"),
@@ -250,6 +253,47 @@ def test_out_of_range_targets_are_a_clear_error(targets, message):
     logits = torch.zeros(2, 7, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         fused(logits, torch.tensor(targets, device=DEVICE))
+
+
+@pytest.mark.parametrize("bad", [7, 1000, -1, -5])
+def test_an_unchecked_out_of_range_target_gives_nan_and_is_never_read(bad):
+    # check_targets=False: the kernel itself neither reads nor writes outside the row; the
+    # row's loss and gradient are nan (the others exact), so the mistake cannot pass unseen
+    logits, targets = random_case(6, 7, torch.float32, seed=11)
+    targets[2] = bad
+    x = logits.clone().requires_grad_()
+    loss = ops.cross_entropy(x, targets, reduction="none", backend="fused", check_targets=False)
+    loss.sum().backward()
+    assert torch.isnan(loss[2]) and torch.isnan(x.grad[2]).all()
+    keep = torch.arange(6, device=DEVICE) != 2
+    want = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+    torch.testing.assert_close(loss[keep], want, rtol=1e-6, atol=1e-6)  # fp32, see top
+    mean = ops.cross_entropy(logits, targets, backend="fused", check_targets=False)
+    assert torch.isnan(mean)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_out_of_range_target_on_a_gpu_is_a_device_side_assert():
+    # in a process of its own: a device-side assert ends the CUDA context
+    script = textwrap.dedent("""
+        import torch
+        from fastgpt import ops
+        logits = torch.zeros(4, 7, device="cuda")
+        targets = torch.tensor([0, 1, 7, 2], device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")   # the call itself must not wait
+        loss = ops.cross_entropy(logits, targets, backend="fused")
+        torch.cuda.set_sync_debug_mode(0)
+        print("returned without a sync", flush=True)
+        torch.cuda.synchronize()
+        print("NOT CAUGHT")
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert "returned without a sync" in done.stdout, done.stderr
+    assert done.returncode != 0 and "NOT CAUGHT" not in done.stdout
+    assert "device-side assert" in done.stderr
 
 
 def test_bad_inputs():

@@ -233,6 +233,20 @@ def test_cross_entropy_target_out_of_range(fn, bad):
 
 
 @pytest.mark.parametrize("fn", CROSS_ENTROPIES)
+def test_target_check_where_the_data_is_not_on_the_host_is_an_asynchronous_assert(
+        fn, monkeypatch):
+    # on a GPU (or inside torch.compile) the check is torch._assert_async: no host read, no
+    # graph break; eager on CPU tensors that assert raises at once
+    monkeypatch.setattr(reference, "_readable_on_host", lambda tensor: False)
+    logits, targets = make_ce_inputs(6, 7, torch.float32, seed=9)
+    fn(logits, targets)  # in range: nothing
+    targets[3] = 7
+    with pytest.raises(RuntimeError, match="cross_entropy: a target is out of range for 7 "
+                                           r"classes \(and is not ignore_index=-100\)"):
+        fn(logits, targets)
+
+
+@pytest.mark.parametrize("fn", CROSS_ENTROPIES)
 @pytest.mark.parametrize("ignore_index", [-100, -5, 7, 1000])
 def test_cross_entropy_ignore_index_outside_range_is_accepted(fn, ignore_index):
     logits, targets = make_ce_inputs(6, 7, torch.float64, seed=10)

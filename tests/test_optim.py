@@ -279,3 +279,41 @@ def test_reference_backend_matches_torch():
     opt_theirs = torch.optim.AdamW(groups_for(theirs), foreach=False, **DEFAULTS)
     _run([(ours, opt_ours), (theirs, opt_theirs)], torch.Generator().manual_seed(6), 3)
     assert_same_params_and_state(ours, opt_ours, theirs, opt_theirs)
+
+
+class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops called (not those they call inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16)])
+def test_clipping_takes_one_norm_launch_per_dtype_and_equals_clip_grad_norm(dtypes):
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtypes[i % len(dtypes)]))
+              for i, s in enumerate(SHAPES * 18)]  # 90 tensors, as many as the seed GPT
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 3).to(p.dtype)
+    opt = AdamW(params, max_grad_norm=0.5, backend="reference")
+    with AtenOps() as counted:
+        scale = opt._clip_scale()
+    # one multi-tensor norm per (device, dtype), one norm of the norms: no per-tensor norms
+    assert counted.calls.count("_foreach_norm") == len(dtypes)
+    assert counted.calls.count("linalg_vector_norm") == 1
+    assert not {"item", "_local_scalar_dense"} & set(counted.calls)  # no host read
+    copies = [torch.nn.Parameter(p.detach().float()) for p in params]
+    for p, c in zip(params, copies):
+        c.grad = p.grad.float()
+    total = torch.nn.utils.clip_grad_norm_(copies, 0.5, foreach=False)
+    want = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+    if dtypes == (torch.float32,):
+        assert scale.item() == want.item()  # clip_grad_norm_'s arithmetic exactly
+    else:  # the bf16 gradients' norms in fp32 here: the same sums in another order
+        assert scale.item() == pytest.approx(want.item(), rel=1e-6)
+    assert scale.dtype == torch.float32 and scale.item() < 1.0

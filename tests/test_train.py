@@ -15,7 +15,7 @@ from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT
 from fastgpt.train import NonFiniteLoss, lr_at, read_metrics, resume_config, train
-from helpers import assert_same_run, tiny_cli_args, tiny_config
+from helpers import assert_same_run, gpu, quick, tiny_cli_args, tiny_config
 
 
 def records(run_dir: Path, kind: str) -> list[tuple]:
@@ -492,3 +492,93 @@ def test_progress_lines_reach_a_file_before_a_kill_9(tmp_path, corpus_file):
     for expected in ("estimating the loss on", "step      0: train", "step      1: loss",
                      "step      2: loss"):
         assert expected in text, text
+
+
+def random_batches(vocab_size=64, batch_size=4, context=16, seed=0, pin=False):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randint(0, vocab_size, (batch_size, context), generator=generator)
+        y = torch.roll(x, -1, dims=1)
+        yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+def small_gpt(device="cpu"):
+    torch.manual_seed(0)
+    return GPT(vocab_size=64, context_length=16, d_model=32, num_heads=2, num_layers=2,
+               dropout=0.1).to(device)
+
+
+def test_the_training_step_never_waits_for_the_device():
+    # A meta tensor has a shape and no values: reading one into Python (.item(), bool(),
+    # a copy to the CPU) raises. A step that runs on meta tensors therefore has no device
+    # -> host sync anywhere on its path, torch's own ops included (reference backends:
+    # model, loss with its target check, backward, clipping, AdamW, grad accumulation).
+    from fastgpt.optim import AdamW, param_groups
+    meta = torch.device("meta")
+    model = small_gpt(meta)
+    optimizer = AdamW(param_groups(model, 0.1), max_grad_norm=1.0)
+    batches = random_batches()
+    for _ in range(3):
+        loss = train_model_step(model, optimizer, batches, meta)
+    assert loss.device == meta and loss.shape == ()
+
+
+def train_model_step(model, optimizer, batches, device):
+    return train_module.train_step(model, optimizer, batches, device, grad_accum=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused", "adamw=fused"])
+def test_fastgpts_code_on_the_step_reads_no_tensor_into_python(backend, cpu_extension,
+                                                               monkeypatch):
+    # The fused kernels cannot run on meta tensors: here fastgpt's own Python on the step's
+    # path (the kernels' wrappers, the loss, clipping, AdamW) is watched for .item(),
+    # bool(tensor) and the like, which on a GPU each wait for the device. The targets'
+    # check takes its GPU branch (an asynchronous assert; on CPU tensors it may read them).
+    from fastgpt import ops
+    from fastgpt.ops import reference
+    from fastgpt.optim import AdamW, param_groups
+    from helpers import HostReads
+    if backend != "reference" and not ops.available()[backend.split("=")[0]][0]:
+        pytest.skip(f"the fused {backend} cannot run here")
+    monkeypatch.setattr(reference, "_readable_on_host", lambda tensor: False)
+    previous = ops.set_backend(backend)
+    try:
+        model = small_gpt()
+        optimizer = AdamW(param_groups(model, 0.1), max_grad_norm=1.0)
+        batches = random_batches()
+        train_model_step(model, optimizer, batches, torch.device("cpu"))  # creates the state
+        # the step counts are CPU tensors on every device (host bookkeeping, no sync)
+        counts = [state["step"] for state in optimizer.state.values()]
+        with HostReads(allowed=counts) as watched:
+            for _ in range(2):
+                train_model_step(model, optimizer, batches, torch.device("cpu"))
+        assert watched.reads == []
+        # and the watch sees a read when there is one
+        with HostReads() as watched:
+            train_model_step(model, optimizer, batches, torch.device("cpu"))
+        assert any("optim.py" in read for read in watched.reads)
+    finally:
+        ops.set_backend(previous)
+
+
+@gpu
+@quick
+@pytest.mark.parametrize("bf16", [False, True])
+def test_on_a_gpu_the_training_step_never_syncs(bf16):
+    # every fused kernel that runs here ("auto"), clipping inside AdamW, 2 micro-batches
+    from fastgpt.optim import AdamW, param_groups
+    cuda = torch.device("cuda")
+    model = small_gpt(cuda)
+    optimizer = AdamW(param_groups(model, 0.1), max_grad_norm=1.0)
+    batches = random_batches(pin=True)
+    for _ in range(2):  # first steps: the optimizer's state, kernel builds and self-checks
+        train_module.train_step(model, optimizer, batches, cuda, grad_accum=2, bf16=bf16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss = train_module.train_step(model, optimizer, batches, cuda, grad_accum=2,
+                                           bf16=bf16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()

@@ -243,21 +243,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0,
-                  backend: str | None = None, block_v: int | None = None,
-                  block_rows: int | None = None) -> torch.Tensor:
+                  backend: str | None = None, check_targets: bool = True,
+                  block_v: int | None = None, block_rows: int | None = None) -> torch.Tensor:
     """F.cross_entropy over logits (N, V) and int64 targets (N,).
 
     The fused kernel returns the loss in fp32 whatever the logits' dtype (torch returns the
     logits' dtype); block_v / block_rows override its tile sizes (powers of two; for tests
     and benchmarks; the reference ignores them).
+
+    No call waits for the device. A target outside [0, V) that is not ignore_index is
+    caught without a host sync (reference.check_target_range): on CPU tensors a ValueError
+    naming it; on a GPU an asynchronous device-side assert, which stops the process at its
+    next synchronisation (as F.cross_entropy's own does). check_targets=False skips that
+    check (a few small launches) for targets validated where they were made; an
+    out-of-range target then gives a wrong loss, or an out-of-bounds read in the reference.
     """
     if resolve_backend("cross_entropy", backend, logits.device) == "reference":
         return reference.cross_entropy(logits, targets, ignore_index=ignore_index,
-                                       reduction=reduction, label_smoothing=label_smoothing)
+                                       reduction=reduction, label_smoothing=label_smoothing,
+                                       check_targets=check_targets)
     from fastgpt.ops.triton_ce import FusedCrossEntropy
 
     reference.check_cross_entropy_inputs(logits, targets, ignore_index, reduction,
-                                         label_smoothing)
+                                         label_smoothing, check_targets)
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the fused cross_entropy takes float32, bfloat16 or float16 logits, "
                          f"got {logits.dtype}")

@@ -135,7 +135,8 @@ def tiled_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+                  reduction: str = "mean", label_smoothing: float = 0.0,
+                  check_targets: bool = True) -> torch.Tensor:
     """Cross-entropy as log-softmax + gather, with F.cross_entropy's semantics.
 
     logits: (N, V) float; targets: (N,) int64. Rows whose target is ignore_index count 0
@@ -144,8 +145,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     reduction: "mean" -> scalar, "sum" -> scalar, "none" -> (N,).
     bf16/fp16 logits are computed in fp32 (as torch's autocast does for cross_entropy) and
     the loss is returned in fp32, like the fused kernel's; fp64 stays fp64.
+    check_targets: see fastgpt.ops.cross_entropy.
     """
-    check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing)
+    check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing,
+                               check_targets)
     valid = targets != ignore_index
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()  # a sum of bf16 losses would lose all precision
@@ -164,9 +167,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
 
 
 def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                               reduction: str, label_smoothing: float) -> None:
+                               reduction: str, label_smoothing: float,
+                               check_targets: bool = True) -> None:
     """Raise ValueError for what F.cross_entropy would reject or silently get wrong; every
-    backend calls this first. Checking the targets' range costs a device sync."""
+    backend calls this first. Shapes, dtypes and devices are checked on the host (no sync);
+    the targets' range by check_target_range, unless check_targets is False."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -181,10 +186,29 @@ def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, igno
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device}, logits on {logits.device}")
-    num_classes = logits.shape[1]
-    valid = targets != ignore_index
-    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
-    if out_of_range.any():
-        bad = targets[out_of_range][0].item()
-        raise ValueError(f"target {bad} is out of range for {num_classes} classes "
-                         f"(and is not ignore_index={ignore_index})")
+    if check_targets:
+        check_target_range(targets, logits.shape[1], ignore_index)
+
+
+def check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Targets must lie in [0, num_classes) unless they are ignore_index. Never a host sync:
+    on CPU tensors in eager mode, a ValueError naming the first bad target (the data is on
+    the host already); elsewhere (CUDA tensors, or inside torch.compile) an asynchronous
+    assert, torch._assert_async: on a GPU a device-side assert that stops the process at the
+    next synchronisation, as F.cross_entropy's own check does, and under torch.compile on a
+    CPU a RuntimeError; no branch on the data, so no graph break."""
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    if _readable_on_host(targets):
+        if out_of_range.any():
+            bad = targets[out_of_range][0].item()
+            raise ValueError(f"target {bad} is out of range for {num_classes} classes "
+                             f"(and is not ignore_index={ignore_index})")
+    else:
+        torch._assert_async(~out_of_range.any(),
+                            f"cross_entropy: a target is out of range for {num_classes} "
+                            f"classes (and is not ignore_index={ignore_index})")
+
+
+def _readable_on_host(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor` from Python costs no device sync and breaks no graph."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -67,7 +67,11 @@ def _cross_entropy_kernel(
     rows = rows.to(tl.int64)  # row * stride passes 2^31 for large N * V
     targets = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
     valid = row_in & (targets != ignore_index)
-    targets = tl.where(valid, targets, 0)
+    # A target outside [0, n_cols) (when the caller skipped the check) is never read: its
+    # row's loss and gradient are nan, so the mistake shows instead of a wrong number.
+    bad = valid & ((targets < 0) | (targets >= n_cols))
+    valid = valid & ~bad
+    targets = tl.where(valid, targets, -1)  # -1: no column is the target
     row_logits = logits_ptr + rows * logits_row_stride  # (BLOCK_ROWS,) pointers
     cols = tl.arange(0, BLOCK_V)
 
@@ -110,7 +114,8 @@ def _cross_entropy_kernel(
             # torch: (1 - e) * nll + e * mean over classes of -log p, -log p_j = m - x_j + log d
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (
                 (m - x_sum / n_cols) + log_d)
-        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)
+        loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
+        tl.store(loss_ptr + rows, loss, mask=row_in)
         tl.store(stats_ptr + rows, m, mask=row_in)
         tl.store(stats_ptr + n_rows + rows, log_d, mask=row_in)
 
@@ -120,7 +125,7 @@ def _cross_entropy_kernel(
             scale = tl.load(grad_scale_ptr + rows, mask=row_in, other=0.0)
         else:
             scale = tl.load(grad_scale_ptr + tl.zeros([BLOCK_ROWS], tl.int32))
-        scale = tl.where(valid, scale, 0.0)
+        scale = tl.where(valid, scale, tl.where(bad, float("nan"), 0.0))
         row_grad = grad_ptr + rows * grad_row_stride
         for start in range(0, n_cols, BLOCK_V):
             in_bounds = row_in[:, None] & (start + cols[None, :] < n_cols)
