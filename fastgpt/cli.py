@@ -126,7 +126,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     texts = sample_from_checkpoint(
         str(path), prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        num_samples=args.num_samples, device=args.device)
+        num_samples=args.num_samples, device=args.device, kv_cache=not args.no_kv_cache,
+        log=lambda line: print(line, file=sys.stderr))
     print("\n---\n".join(texts))
     return 0
 
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--num_samples", "--num-samples", type=int, default=1)
     sample.add_argument("--device", default="auto")
+    sample.add_argument("--no_kv_cache", "--no-kv-cache", action="store_true",
+                        help="recompute the whole window for every token (slower; the same "
+                             "tokens)")
     sample.set_defaults(func=cmd_sample)
 
     verify = commands.add_parser("verify", help="check the fused kernels against the "

@@ -3,7 +3,8 @@ multi-head self-attention and a ReLU MLP, a final LayerNorm and an untied lm_hea
 
 At the seed sizes (vocab 512, context 256, d_model 384, 6 heads, 6 layers) it has exactly
 11,132,672 parameters. Attention goes through fastgpt.ops, so the fused kernel and the
-reference are interchangeable.
+reference are interchangeable. For generation, forward takes a KVCache (new_cache()): the
+keys and values of the tokens already seen, so that only the new tokens are computed.
 
 Initialisation (GPT-2's, plus a small read-out):
 - Linear and Embedding weights ~ N(0, 0.02^2), biases 0, LayerNorm weight 1 and bias 0;
@@ -25,6 +26,42 @@ import torch.nn as nn
 from fastgpt import ops
 
 
+class LayerCache:
+    """One attention layer's keys and values of the tokens seen so far, for generation:
+    (B, H, context_length, D) buffers, allocated at the first append, of which the first
+    `length` positions are filled."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v (B, H, T, D) after the cached positions; return every key and value
+        so far, (B, H, length, D) views of the buffers."""
+        B, H, T, D = k.shape
+        if self.keys is None:
+            self.keys = k.new_empty(B, H, self.context_length, D)
+            self.values = v.new_empty(B, H, self.context_length, D)
+        end = self.length + T
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """The keys and values of every layer (GPT.new_cache); `length` tokens cached."""
+
+    def __init__(self, num_layers: int, context_length: int):
+        self.layers = [LayerCache(context_length) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float):
         super().__init__()
@@ -37,8 +74,8 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). With a cache, x holds the tokens after those cached."""
         B, T, C = x.shape
         H = self.num_heads
 
@@ -46,6 +83,8 @@ class CausalSelfAttention(nn.Module):
             return t.view(B, T, H, C // H).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if cache is not None:  # attend to every token so far: (B, H, cached + T, C // H)
+            k, v = cache.append(k, v)
         y = ops.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.out_proj(y))
@@ -70,8 +109,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -108,16 +147,25 @@ class GPT(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * num_layers))
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=1.0 / d_model)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) int64 token ids, T <= context_length -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) int64 token ids, T <= context_length -> logits (B, T, vocab_size).
+
+        cache (generation): idx holds the tokens that follow the cache's, at positions
+        cache.length onwards; their keys and values are added to it."""
         B, T = idx.shape
-        if T > self.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
-        positions = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.context_length:
+            raise ValueError(f"sequence length {start + T} exceeds context_length "
+                             f"{self.context_length}")
+        positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(positions)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
         return self.lm_head(self.ln_f(x))
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for generate()."""
+        return KVCache(len(self.blocks), self.context_length)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
              backend: str | None = None) -> torch.Tensor:

@@ -133,9 +133,14 @@ def test_sample_refuses_a_temperature_that_is_not_a_finite_number(capsys, tmp_pa
                                 "--temperature", temperature, "--max_new_tokens", "3")
         assert_one_line_error(code, err, "temperature must be a finite number >= 0",
                               f"got {float(temperature)}")
-    code, out, _ = run_main(capsys, "sample", "--checkpoint", checkpoint, "--temperature", "0",
-                            "--max_new_tokens", "3")
+    code, out, err = run_main(capsys, "sample", "--checkpoint", checkpoint, "--temperature",
+                              "0", "--max_new_tokens", "3")
     assert code == 0 and out
+    assert "3 new tokens in " in err and "with the key/value cache" in err
+    code, uncached, err = run_main(capsys, "sample", "--checkpoint", checkpoint,
+                                   "--temperature", "0", "--max_new_tokens", "3",
+                                   "--no_kv_cache")
+    assert code == 0 and uncached == out and "without the key/value cache" in err
 
 
 @pytest.mark.parametrize("argv, fragments", [

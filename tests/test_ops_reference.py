@@ -396,6 +396,18 @@ def test_causal_attention_custom_scale(fn, scale):
 
 
 @pytest.mark.parametrize("fn", ATTENTIONS)
+@pytest.mark.parametrize("queries", [1, 5, 17])
+def test_causal_attention_with_fewer_queries_than_keys_takes_the_last_positions(fn, queries):
+    # generation with a key/value cache: q holds the last positions of the sequence
+    q, k, v = attention_inputs(2, 3, 17, 8, torch.float64, seed=6)
+    whole = fn(q, k, v)
+    last = fn(q[:, :, -queries:], k, v)
+    assert_close_rel(last, whole[:, :, -queries:], REL_ATTN[torch.float64])
+    with pytest.raises(ValueError, match="k and v must be at least as long as q"):
+        ops.causal_attention(q, k[:, :, :4], v[:, :, :4])
+
+
+@pytest.mark.parametrize("fn", ATTENTIONS)
 def test_causal_attention_is_causal(fn):
     T = 17
     q, k, v = attention_inputs(2, 3, T, 8, torch.float32, seed=4)

@@ -66,3 +66,69 @@ def test_sample_from_a_trained_checkpoint(tmp_path, corpus_file):
     assert texts == sample_from_checkpoint(path, prompt="def parse(", max_new_tokens=12,
                                            num_samples=2, seed=5)
     assert sample_from_checkpoint(path, prompt="x", max_new_tokens=0) == ["x"]
+
+
+class FedTokens:
+    """Records how many tokens each forward of `model` is fed."""
+
+    def __init__(self, model):
+        self.lengths = []
+        self.handle = model.register_forward_pre_hook(
+            lambda module, args: self.lengths.append(args[0].shape[1]))
+
+
+@pytest.mark.parametrize("prompt_length", [3, 16, 40])  # shorter than, as long as, longer
+@pytest.mark.parametrize("temperature, top_k", [(0, None), (1.0, None), (0.8, 20)])
+def test_the_kv_cache_gives_exactly_the_tokens_of_the_whole_window(model, prompt_length,
+                                                                   temperature, top_k):
+    # fp32; 30 new tokens from a 3-token prompt cross the context (16) and slide it
+    prompt = torch.randint(0, 512, (3, prompt_length), generator=torch.Generator().manual_seed(7))
+
+    def run(kv_cache):
+        return generate(model, prompt, 30, temperature, top_k,
+                        torch.Generator().manual_seed(11), kv_cache=kv_cache)
+    assert torch.equal(run(True), run(False))
+
+
+def test_the_cache_feeds_one_token_per_step_until_the_window_slides(model):
+    fed = FedTokens(model)
+    try:
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 20, temperature=0)
+    finally:
+        fed.handle.remove()
+    # the prompt, then one token at a time up to 16 in the window; past it, every new
+    # token shifts every position (learned absolute positions): the last window afresh
+    assert fed.lengths == [3] + [1] * 13 + [16] * 6
+
+
+def test_cached_logits_are_the_whole_windows(model):
+    # the logits themselves, position by position: prefill 5, then 11 single tokens
+    idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        whole = model(idx)
+        cache = model.new_cache()
+        parts = [model(idx[:, :5], cache)] + [model(idx[:, t:t + 1], cache)
+                                              for t in range(5, 16)]
+        assert cache.length == 16
+        torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-5)  # fp32
+        with pytest.raises(ValueError, match="sequence length 17 exceeds context_length 16"):
+            model(idx[:, :1], cache)
+
+
+def test_a_rolling_cache_would_be_wrong(model):
+    # why the cache restarts: keeping the cached keys of positions 1..15 and adding a new
+    # token would leave them computed at positions 1..15, where the slid window has them
+    # at 0..14; the logits differ
+    idx = torch.randint(0, 512, (1, 17), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(idx[:, :16], cache)
+        for layer in cache.layers:  # drop position 0, keep the rest where they were
+            layer.keys[:, :, :15] = layer.keys[:, :, 1:16].clone()
+            layer.values[:, :, :15] = layer.values[:, :, 1:16].clone()
+            layer.length = 15
+        rolled = model(idx[:, 16:], cache)[:, -1]
+        slid = model(idx[:, 1:])[:, -1]
+    assert (rolled - slid).abs().max() > 1e-3

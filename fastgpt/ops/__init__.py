@@ -224,9 +224,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     "auto" other inputs go to the reference, under "fused" they raise ValueError.
     deterministic: the kernel's backward without atomics (None: whatever
     torch.use_deterministic_algorithms says); the reference is always deterministic.
+    k, v longer than q (generation with a KV cache: q holds the last positions) run the
+    reference whatever the backend: a few query rows, no kernel of their own.
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if k.shape[-2] != q.shape[-2]:
+        if k.shape[-2] < q.shape[-2]:
+            raise ValueError(f"k and v must be at least as long as q, got {k.shape[-2]} "
+                             f"keys for {q.shape[-2]} queries")
+        return reference.causal_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     chosen = resolve_backend("causal_attention", backend, q.device)
     from fastgpt.ops import cuda_attention
 

@@ -13,15 +13,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """softmax(q @ k^T * scale, causal mask) with dropout on the probabilities, times v.
 
     q, k, v: (B, H, T, D), float; returns (B, H, T, D). scale defaults to 1/sqrt(D).
-    keep: an explicit dropout mask (B, H, T, T) bool, True where a probability is kept
+    k and v may be longer than q (Tk > Tq, generation with a KV cache): the queries are then
+    the last Tq positions, query i at position Tk - Tq + i.
+    keep: an explicit dropout mask (B, H, Tq, Tk) bool, True where a probability is kept
     (scaled by 1 / (1 - dropout_p)); None draws one with F.dropout. Materialises the
-    (B, H, T, T) scores: simple and exact, not memory-frugal.
+    (B, H, Tq, Tk) scores: simple and exact, not memory-frugal.
     """
-    T, D = q.shape[-2], q.shape[-1]
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale                      # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))              # query i sees keys <= i
+    scores = (q @ k.transpose(-2, -1)) * scale                      # (B, H, Tq, Tk)
+    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
+    scores = scores.masked_fill(future, float("-inf"))  # each query sees the keys up to its own
     probs = torch.softmax(scores, dim=-1)
     if keep is not None:
         probs = probs * keep / (1.0 - dropout_p)
