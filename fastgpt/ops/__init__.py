@@ -22,7 +22,7 @@ import torch
 
 from fastgpt.backends import (  # noqa: F401  (re-exported: fastgpt.ops.parse_backend etc.)
     BACKENDS, KERNELS, BackendUnavailable, UnknownBackend, check_backend, parse_backend)
-from fastgpt.ops import reference
+from fastgpt.ops import cuda_attention, reference
 
 _default_backend: str | None = None
 
@@ -168,8 +168,6 @@ def _attention_status_on(device_index: int | None) -> tuple[bool, str]:
     ok, why = extension.load_extension()
     if not ok:
         return False, why
-    from fastgpt.ops import cuda_attention
-
     device = torch.device("cuda", device_index)
     try:
         cuda_attention.self_check(device)
@@ -198,8 +196,19 @@ def _fused_runs_on(op: str, device: torch.device) -> bool:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device | None = None) -> str:
-    """The backend that will run `op` on tensors on `device`: "reference" or "fused"."""
+    """The backend that will run `op` on tensors on `device`: "reference" or "fused".
+
+    Under torch.compile a graph keeps the choice it was traced with; set_backend() makes
+    the next call recompile, while $FASTGPT_BACKEND is read when a graph is traced."""
     backend = get_backend(op) if backend is None else check_backend(backend)
+    return _resolve(op, backend, device)
+
+
+# Whether a kernel can run is host-side setup (its build, a self-check, cached results):
+# torch.compile takes the answer as a constant rather than trace it (which would trace
+# imports and break the graph).
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: str, device: torch.device | None) -> str:
     if backend == "reference":
         return "reference"
     ok, why = status(op)
@@ -235,8 +244,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              f"keys for {q.shape[-2]} queries")
         return reference.causal_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     chosen = resolve_backend("causal_attention", backend, q.device)
-    from fastgpt.ops import cuda_attention
-
     why_not = cuda_attention.unsupported(q, k, v) if chosen == "fused" else None
     if why_not is not None and (backend or get_backend("causal_attention")) == "fused":
         raise ValueError(f"the fused causal_attention cannot take these inputs: {why_not}")

@@ -2,9 +2,10 @@
 
 The forward saves only q, k, v, the output and one fp32 log-sum-exp per row; the backward
 recomputes the probabilities from them (FlashAttention-2). Dropout is decided by Philox
-keyed by (seed, offset), drawn per call from torch's CPU generator (so torch.manual_seed and
-a checkpoint's RNG state reproduce it, with no device sync) and regenerated identically in
-the backward; `dropout_mask` rebuilds the very mask of a call for tests.
+keyed by (seed, offset), drawn per call from torch's CPU generator as a CPU tensor (so
+torch.manual_seed and a checkpoint's RNG state reproduce it, with no device sync, and
+torch.compile draws it inside the graph) and regenerated identically in the backward;
+`dropout_mask` rebuilds the very mask of a call for tests.
 
 Inputs: q, k, v (B, H, T, D), all float32 (the CUDA-core kernels) or all bfloat16 / float16
 (the tensor-core kernels), D in {32, 64, 128}, any B, H and T >= 1, on one CUDA device.
@@ -48,10 +49,9 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     return None
 
 
-def draw_seed() -> tuple[int, int]:
-    """A fresh (seed, offset) for one call's dropout, from torch's CPU generator."""
-    seed, offset = torch.randint(0, 2 ** 62, (2,)).tolist()
-    return seed, offset
+def draw_seed() -> torch.Tensor:
+    """A fresh (seed, offset) for one call's dropout: an int64 (2,) CPU tensor."""
+    return torch.randint(0, 2 ** 62, (2,))
 
 
 def dropout_mask(shape: torch.Size | tuple, seed: int, offset: int, dropout_p: float,
@@ -63,23 +63,57 @@ def dropout_mask(shape: torch.Size | tuple, seed: int, offset: int, dropout_p: f
     return keep.view(B, H, T, T).to(device)
 
 
+# The kernels' ops take the dropout (seed, offset) as host integers. These wrappers take
+# them as a CPU tensor and read it on the host, inside the op: torch.compile then traces
+# the attention through their fakes, the seed drawn in the graph, with no graph break and
+# no specialisation on the seed's value.
+
+@torch.library.custom_op("fastgpt::attention_forward_seeded", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                dropout_p: float, seed_offset: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    seed, offset = seed_offset.tolist()
+    return torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, seed, offset)
+
+
+@_forward_op.register_fake
+def _(q, k, v, scale, dropout_p, seed_offset):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::attention_backward_seeded", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, grad_out: torch.Tensor, scale: float, dropout_p: float,
+                 seed_offset: torch.Tensor, deterministic: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed, offset = seed_offset.tolist()
+    return torch.ops.fastgpt.attention_backward(q, k, v, out, lse, grad_out, scale, dropout_p,
+                                                seed, offset, deterministic)
+
+
+@_backward_op.register_fake
+def _(q, k, v, out, lse, grad_out, scale, dropout_p, seed_offset, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 class FusedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, dropout_p: float, deterministic: bool,
-                seed: int, offset: int):
+                seed_offset: torch.Tensor):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, seed, offset)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, dropout_p, seed, offset, deterministic)
+        out, lse = _forward_op(q, k, v, scale, dropout_p, seed_offset)
+        ctx.save_for_backward(q, k, v, out, lse, seed_offset)
+        ctx.args = (scale, dropout_p, deterministic)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastgpt.attention_backward(q, k, v, out, lse,
-                                                          grad_out.contiguous(), *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, seed_offset = ctx.saved_tensors
+        scale, dropout_p, deterministic = ctx.args
+        dq, dk, dv = _backward_op(q, k, v, out, lse, grad_out.contiguous(), scale, dropout_p,
+                                  seed_offset, deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -87,10 +121,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               seed: int | None = None, offset: int = 0) -> torch.Tensor:
     """Causal attention through the kernels: (B, H, T, D) -> (B, H, T, D) in q's dtype.
     seed None draws one (draw_seed) when dropout_p > 0."""
-    if seed is None:
-        seed, offset = draw_seed() if dropout_p > 0.0 else (0, 0)
+    if seed is not None:
+        seed_offset = torch.tensor([seed, offset], dtype=torch.int64)
+    elif dropout_p > 0.0:
+        seed_offset = draw_seed()
+    else:
+        seed_offset = torch.zeros(2, dtype=torch.int64)
     return FusedCausalAttention.apply(q, k, v, float(scale), float(dropout_p),
-                                      bool(deterministic), int(seed), int(offset))
+                                      bool(deterministic), seed_offset)
 
 
 class Comparison(NamedTuple):

@@ -224,8 +224,55 @@ def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     with _on_device(grad):
         _scale_kernel[(triton.cdiv(grad.numel(), block),)](
             grad, scale, grad.numel(), BLOCK=block, num_warps=8)
-    torch.autograd.graph.increment_version(grad)  # Triton wrote it behind autograd's back
     return grad
+
+
+# The launches as custom ops, so that torch.compile traces the loss through their fake
+# (shape-only) versions and calls the kernels at run time, instead of tracing into Triton.
+
+@torch.library.custom_op("fastgpt::cross_entropy_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor | None,
+                ignore_index: int, label_smoothing: float, block_v: int | None,
+                block_rows: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """launch() computing the loss: (loss (N,), stats (2, N), grad (N, V), or an empty
+    tensor when grad_scale is None)."""
+    loss, stats, grad = launch(logits, targets, ignore_index, label_smoothing, grad_scale,
+                               block_v=block_v, block_rows=block_rows)
+    return loss, stats, logits.new_empty(0) if grad is None else grad
+
+
+@_forward_op.register_fake
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, block_v, block_rows):
+    n_rows = logits.shape[0]
+    return (logits.new_empty(n_rows, dtype=torch.float32),
+            logits.new_empty(2, n_rows, dtype=torch.float32),
+            logits.new_empty(0) if grad_scale is None else torch.empty_like(logits))
+
+
+@torch.library.custom_op("fastgpt::cross_entropy_backward", mutates_args=())
+def _backward_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                 grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                 block_v: int | None, block_rows: int | None) -> torch.Tensor:
+    """launch() with the forward's stats: the gradient (N, V), each row scaled by its own
+    grad_scale (N,)."""
+    return launch(logits, targets, ignore_index, label_smoothing, grad_scale, stats=stats,
+                  block_v=block_v, block_rows=block_rows)[2]
+
+
+@_backward_op.register_fake
+def _(logits, targets, stats, grad_scale, ignore_index, label_smoothing, block_v, block_rows):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fastgpt::cross_entropy_scale_", mutates_args=("grad",))
+def _scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """scale_() (grad *= scale in place); torch bumps grad's version for autograd."""
+    scale_(grad, scale)
+
+
+@_scale_op.register_fake
+def _(grad, scale):
+    return None
 
 
 class FusedCrossEntropy(torch.autograd.Function):
@@ -240,8 +287,8 @@ class FusedCrossEntropy(torch.autograd.Function):
             grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
         elif compute_grad and reduction == "sum":
             grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-        loss, stats, grad = launch(logits, targets, ignore_index, label_smoothing, grad_scale,
-                                   block_v=block_v, block_rows=block_rows)
+        loss, stats, grad = _forward_op(logits, targets, grad_scale, ignore_index,
+                                        label_smoothing, block_v, block_rows)
         ctx.reduction = reduction
         ctx.kernel_args = (ignore_index, label_smoothing, block_v, block_rows)
         if compute_grad and reduction == "none":
@@ -259,16 +306,15 @@ class FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
             logits, targets, stats = ctx.saved_tensors
-            ignore_index, label_smoothing, block_v, block_rows = ctx.kernel_args
-            _, _, grad = launch(logits, targets, ignore_index, label_smoothing,
-                                grad_output.to(torch.float32).contiguous(), stats=stats,
-                                block_v=block_v, block_rows=block_rows)
+            grad = _backward_op(logits, targets, stats,
+                                grad_output.to(torch.float32).contiguous(), *ctx.kernel_args)
             return grad, None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
         # Scaled in place (no second N x V buffer): a second backward through this graph
         # is then refused by autograd's version check rather than given a wrong gradient.
         # In bf16/fp16 a grad_output other than 1 rounds the gradient a second time.
-        return scale_(grad, grad_output), None, None, None, None, None, None, None
+        _scale_op(grad, grad_output)
+        return grad, None, None, None, None, None, None, None
 
 
 def self_check(device: torch.device) -> None:
