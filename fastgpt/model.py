@@ -98,7 +98,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(torch.relu(self.up(x))))
+        """x: (B, T, C) -> (B, T, C), computed on the B*T rows. (On (B, T, C) views
+        torch.compile's partitioner does not see that the ReLU output it keeps for the down
+        projection's gradient is the one the ReLU's own gradient reads, and keeps a bool
+        mask besides: on a CPU, storing it took 15% of a compiled step.)"""
+        rows = x.reshape(-1, x.shape[-1])
+        return self.dropout(self.down(torch.relu(self.up(rows)))).view_as(x)
 
 
 class Block(nn.Module):

@@ -151,23 +151,28 @@ class AdamW(torch.optim.Optimizer):
 
     def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
                         grad_scale: torch.Tensor | None) -> None:
+        """The update of the module docstring, one torch._foreach_* call per line for all of
+        `params` (per element exactly torch.optim.AdamW(foreach=False)'s arithmetic)."""
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         bias_correction1 = 1.0 - beta1 ** step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        for p in params:
-            state = self.state[p]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            # bf16/fp16 parameters: fp32 maths, the result rounded once on the way back
-            param = p if p.dtype == torch.float32 else p.float()
-            grad = p.grad if p.dtype == torch.float32 else p.grad.float()
-            if grad_scale is not None:
-                grad = grad * grad_scale
-            param.mul_(1.0 - lr * weight_decay)
-            exp_avg.lerp_(grad, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        # bf16/fp16 parameters: fp32 maths, the result rounded once on the way back
+        fp32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+        grads = [p.grad if p.dtype == torch.float32 else p.grad.float() for p in params]
+        if grad_scale is not None:
+            grads = torch._foreach_mul(grads, grad_scale)
+        torch._foreach_mul_(fp32, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, bias_correction2_sqrt)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(fp32, exp_avgs, denoms, value=-lr / bias_correction1)
+        for p, param in zip(params, fp32):
             if param is not p:
                 p.copy_(param)
 
