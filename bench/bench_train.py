@@ -11,8 +11,9 @@ Variants, all from the same initial weights (seed 1337) on the same batches:
   3       stock PyTorch: bf16 autocast, F.scaled_dot_product_attention, F.cross_entropy,
           torch.optim.AdamW(fused=True), torch.compile of forward + loss
   4       fastgpt with every fused kernel that runs here (ops.fused_where_available()), bf16
-  5       (4) with the model's forward torch.compile'd (the loss kernel and the optimizer
-          run outside the compiled graph)
+  5       (4) compiled as `fastgpt train --compile` compiles it (fastgpt.train.training_module:
+          the forward, the loss and their backward through torch.compile; the optimizer
+          outside)
   inline  the chapter's plain loop written out below (get_batch by torch.randint,
           F.cross_entropy, torch.optim.AdamW(model.parameters())), fp32: an outside
           baseline for the overhead of fastgpt's own loop (compare with 1)
@@ -59,7 +60,8 @@ from fastgpt.config import make_config  # noqa: E402
 from fastgpt.data import NextTokenDataset, load_corpus  # noqa: E402
 from fastgpt.model import GPT, CausalSelfAttention  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
-from fastgpt.train import BatchStream, autocast, estimate_loss, train_step  # noqa: E402
+from fastgpt.train import (  # noqa: E402
+    BatchStream, autocast, estimate_loss, train_step, training_module)
 from timing import LOSS_TOLERANCE, median_ms, time_ms, write_result  # noqa: E402  (bench/timing.py)
 
 SEED = 1337
@@ -87,7 +89,7 @@ VARIANTS = {
     "2": "chapter loop, bf16 autocast, reference ops",
     "3": "stock torch: bf16, SDPA, F.cross_entropy, AdamW(fused), compile",
     "4": "fastgpt fused kernels, bf16",
-    "5": "fastgpt fused kernels, bf16, compiled forward",
+    "5": "fastgpt fused kernels, bf16, compiled (training_module, as --compile)",
     "inline": "inline chapter loop (outside baseline), fp32",
 }
 
@@ -145,9 +147,8 @@ def build_variant(name: str, sizes: dict, device: torch.device, train_ids: np.nd
 
     if name in ("1", "2", "4", "5"):  # fastgpt's own step; backend_of(name) picks the ops
         optimizer = AdamW(groups, lr=LR)
-        if name == "5":
-            model.compile()  # in place: the step's model(x) runs the compiled forward
-        return model, lambda: train_step(model, optimizer, batches, device, bf16=name != "1")
+        step = training_module(model, compile=name == "5")  # as `fastgpt train --compile`
+        return model, lambda: train_step(step, optimizer, batches, device, bf16=name != "1")
     if name == "3":
         for block in model.blocks:
             block.attn.__class__ = SDPAttention

@@ -68,8 +68,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for field, kind in field_types().items():
         flags = [f"--{field}"] + ([f"--{field.replace('_', '-')}"] if "_" in field else [])
+        # a bool field alone (--compile) means true; --compile false works too
+        bare = dict(nargs="?", const="true") if kind is bool else {}
         action = group.add_argument(
-            *flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(),
+            *flags, dest=f"cfg_{field}", metavar=kind.__name__.upper(), **bare,
             help=f"{FIELD_HELP[field]} (seed: {getattr(defaults, field)!r})")
         parser.value_options.update(action.option_strings)  # a group's, not the parser's
 

@@ -43,6 +43,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 0.0
     bf16: bool = False
+    compile: bool = False
     max_steps: int = 5000
     eval_interval: int = 250
     eval_batches: int = 50
@@ -128,6 +129,8 @@ FIELD_HELP = {
     "min_lr": "final learning rate of the cosine schedule",
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "bf16": "bf16 autocast for the forward pass and the loss",
+    "compile": "torch.compile the forward, the loss and their backward as one graph (the "
+               "first step compiles, for a minute or so)",
     "max_steps": "optimizer steps in all",
     "eval_interval": "steps between estimate_loss evals (and checkpoints)",
     "eval_batches": "batches of each split per eval (at most)",

@@ -116,14 +116,42 @@ def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size:
     return losses
 
 
+class ForwardAndLoss(torch.nn.Module):
+    """(x, y) -> the mean next-token loss of `gpt` on a micro-batch: the forward and the
+    loss in one module, which is what DDP wraps and what torch.compile compiles."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(self.gpt(x), y)
+
+
+def training_module(model: GPT, compile: bool = False,
+                    ctx: distributed.Context = distributed.SINGLE,
+                    device: torch.device | None = None) -> torch.nn.Module:
+    """What train_step runs: ForwardAndLoss(model), inside DistributedDataParallel in a
+    distributed run, and with compile the whole of it through torch.compile (the forward
+    and the loss one graph, their backward compiled with it; under DDP, graphs split at
+    the gradient buckets so that the all-reduce still overlaps the backward). The
+    parameters stay `model`'s: its state_dict has no `_orig_mod.` or `module.` prefix."""
+    module: torch.nn.Module = ForwardAndLoss(model)
+    if ctx.enabled:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(module) if compile else module
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
                device: torch.device, grad_accum: int = 1, bf16: bool = False) -> torch.Tensor:
     """One optimizer step: grad_accum micro-batches (x, y) from `batches`, each forward
-    (loss / grad_accum) and backward, then optimizer.step() (which clips, for fastgpt's
-    AdamW with max_grad_norm) and zero_grad. `model` is a GPT or a DistributedDataParallel
-    around one (which then averages the gradients over the ranks on the last micro-batch
-    only). Returns the step's loss, a float32 scalar on `device`: reading it waits for the
-    device, so the loop reads it only when it logs."""
+    and loss (model(x, y) / grad_accum) and backward, then optimizer.step() (which clips,
+    for fastgpt's AdamW with max_grad_norm) and zero_grad. `model` is a training_module:
+    (x, y) -> loss, compiled or not, in DistributedDataParallel or not (which then averages
+    the gradients over the ranks on the last micro-batch only). Returns the step's loss, a
+    float32 scalar on `device`: reading it waits for the device, so the loop reads it only
+    when it logs. Nothing in the step itself waits for the device."""
     step_loss = torch.zeros((), device=device)
     for i in range(grad_accum):
         x, y = next(batches)
@@ -133,7 +161,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         with (model.no_sync() if hasattr(model, "no_sync") and not last
               else contextlib.nullcontext()):
             with autocast(device, bf16):
-                loss = next_token_loss(model(x), y) / grad_accum
+                loss = model(x, y) / grad_accum
             loss.backward()
         step_loss += loss.detach()
     optimizer.step()
@@ -404,10 +432,7 @@ class _Training:
         self.model = GPT(**config.model_kwargs()).to(device)
         if ctx.rank > 0:  # rank 0 continues the seed's stream, as one process would
             torch.manual_seed(config.seed + ctx.rank)  # the others draw their own dropout masks
-        self.trained = self.model  # what the step runs: the GPT, or DDP around it
-        if ctx.enabled:
-            self.trained = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.trained = training_module(self.model, config.compile, ctx, device)
         self.optimizer = AdamW(
             param_groups(self.model, config.weight_decay, config.weight_decay_all),
             lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
@@ -540,8 +565,12 @@ class _Training:
                 lr = lr_at(progress.step, config)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                step_started = time.perf_counter()
                 step_loss = train_step(self.trained, self.optimizer, self.shares, self.device,
                                        self.shares.accum, config.bf16)
+                if config.compile and timer.steps == 0:
+                    log(f"torch.compile: the first step, which compiles the forward, loss "
+                        f"and backward, took {time.perf_counter() - step_started:.1f} s")
                 progress.step += 1
                 progress.tokens_seen += tokens_per_step
                 progress.eval_pending = (progress.step % config.eval_interval == 0

@@ -121,6 +121,60 @@ def test_train_benchmark_fails_loudly_when_a_variant_learns_wrong(monkeypatch, c
     assert "FAILED" in err and "tiny/2: val loss" in err and "from variant 1's" in err
 
 
+# The interface bench_compile.py uses of nanoGPT's model.py (GPTConfig, GPT(config) whose
+# forward(idx, targets) gives (logits, loss), configure_optimizers), written here from
+# scratch: a stand-in, so that the test needs no copy of nanoGPT.
+NANOGPT_STAND_IN = """
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    bias: bool
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.emb = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.head = torch.nn.Linear(config.n_embd, config.vocab_size)
+
+    def forward(self, idx, targets):
+        logits = self.head(self.emb(idx))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas,
+                                 weight_decay=weight_decay)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+def test_compile_benchmark_times_every_variant_in_turns(tmp_path):
+    nanogpt = tmp_path / "model.py"
+    nanogpt.write_text(NANOGPT_STAND_IN)
+    out = tmp_path / "compile.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_compile.py"), "--config", "tiny", "--runs", "2",
+         "--steps", "1", "--warmup", "1", "--nanogpt", str(nanogpt), "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fastgpt", "fastgpt-compiled", "nanogpt",
+                                            "nanogpt-compiled"]
+    assert all(len(r["runs"]) == 2 and r["ms_per_step"] > 0 for r in rows)
+    # the script's own check (LOSS_TOLERANCE): tiny has dropout 0.1, whose masks a
+    # compiled graph draws with inductor's generator, so the losses are close, not equal
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=0.01)
+    assert "| fastgpt-compiled |" in result.stdout
+
+
 @needs_fused_cross_entropy
 def test_quality_trains_both_backends_and_compares_them(tmp_path, corpus_file):
     out_dir = tmp_path / "quality"

@@ -79,6 +79,19 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, c
     assert json.loads((runs / "two" / "config.json").read_text())["world_size"] == 2
 
 
+def test_two_ranks_compiled_train_like_one_eager_process(tmp_path, corpus_file):
+    # --compile under DDP: torch.compile of the DDP module (graphs split at the gradient
+    # buckets), two micro-batches per rank so that no_sync runs compiled too
+    runs = tmp_path / "runs"
+    settings = dict(SETTINGS, grad_accum=4)
+    train(tiny_config(runs, corpus_file, name="one", **settings))
+    result = torchrun(2, tiny_cli_args(runs, corpus_file, name="two", compile=True,
+                                       **settings), timeout=600)
+    assert result.stdout.count("torch.compile: the first step") == 1  # rank 0 says it
+    assert_same_losses(records(runs / "two", "train"), records(runs / "one", "train"))
+    assert_same_losses(records(runs / "two", "eval"), records(runs / "one", "eval"))
+
+
 def test_torchrun_with_one_process_takes_the_distributed_path(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     train(tiny_config(runs, corpus_file, name="plain", **SETTINGS))

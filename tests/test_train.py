@@ -524,7 +524,8 @@ def test_the_training_step_never_waits_for_the_device():
 
 
 def train_model_step(model, optimizer, batches, device):
-    return train_module.train_step(model, optimizer, batches, device, grad_accum=2)
+    return train_module.train_step(train_module.training_module(model), optimizer, batches,
+                                   device, grad_accum=2)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused", "adamw=fused"])
@@ -571,13 +572,14 @@ def test_on_a_gpu_the_training_step_never_syncs(bf16):
     model = small_gpt(cuda)
     optimizer = AdamW(param_groups(model, 0.1), max_grad_norm=1.0)
     batches = random_batches(pin=True)
+    step = train_module.training_module(model)
     for _ in range(2):  # first steps: the optimizer's state, kernel builds and self-checks
-        train_module.train_step(model, optimizer, batches, cuda, grad_accum=2, bf16=bf16)
+        train_module.train_step(step, optimizer, batches, cuda, grad_accum=2, bf16=bf16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            loss = train_module.train_step(model, optimizer, batches, cuda, grad_accum=2,
+            loss = train_module.train_step(step, optimizer, batches, cuda, grad_accum=2,
                                            bf16=bf16)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,150 @@
+"""Does `fastgpt train --compile` pay, and how does fastgpt's step compare with nanoGPT's,
+eager and compiled, side by side in one run?
+
+    python bench/bench_compile.py [--config cpu] [--nanogpt PATH/TO/nanoGPT/model.py]
+                                  [--runs 9] [--steps 3] [--out results.json]
+
+Variants, fp32, each on the same batches (the corpus's bytes as tokens) from its own seeded
+initialisation:
+  fastgpt           fastgpt's training step (train.training_module + train.train_step),
+                    the reference ops, fastgpt's AdamW: `fastgpt train`
+  fastgpt-compiled  the same through torch.compile: `fastgpt train --compile`
+  nanogpt           nanoGPT's model.py (GPT with its loss, configure_optimizers' AdamW), the
+                    same sizes (GELU and one fused qkv projection: its architecture), when
+                    --nanogpt names its model.py (github.com/karpathy/nanoGPT; nothing of it
+                    is part of fastgpt)
+  nanogpt-compiled  the same through torch.compile, as nanoGPT's train.py does
+The timed runs take turns (run r of every variant before run r + 1 of any) so that a noisy
+machine's drift is shared; the median per step is kept. The compiled fastgpt step must end
+within LOSS_TOLERANCE of the eager one's loss, else the script fails: no speed from wrong
+maths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
+from bench_train import CONFIGS, SEED, byte_tokens  # noqa: E402  (bench/bench_train.py)
+from fastgpt import ops  # noqa: E402
+from fastgpt.data import NextTokenDataset  # noqa: E402
+from fastgpt.model import GPT  # noqa: E402
+from fastgpt.optim import AdamW, param_groups  # noqa: E402
+from fastgpt.train import BatchStream, train_step, training_module  # noqa: E402
+from timing import LOSS_TOLERANCE, time_ms, write_result  # noqa: E402
+
+LR, WEIGHT_DECAY = 1e-3, 0.01
+
+
+def fastgpt_step(sizes: dict, batches, device: torch.device, compile: bool):
+    torch.manual_seed(SEED)
+    model = GPT(**{k: v for k, v in sizes.items() if k != "batch_size"}).to(device)
+    optimizer = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
+    step = training_module(model, compile=compile)
+    return lambda: train_step(step, optimizer, batches, device)
+
+
+def nanogpt_step(path: str, sizes: dict, batches, device: torch.device, compile: bool):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    torch.manual_seed(SEED)
+    config = nanogpt.GPTConfig(
+        block_size=sizes["context_length"], vocab_size=sizes["vocab_size"],
+        n_layer=sizes["num_layers"], n_head=sizes["num_heads"], n_embd=sizes["d_model"],
+        dropout=sizes["dropout"], bias=True)
+    model = nanogpt.GPT(config).to(device)
+    optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, (0.9, 0.999), device.type)
+    forward = torch.compile(model) if compile else model
+
+    def step():
+        x, y = next(batches)
+        _, loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=list(CONFIGS), help="default: seed on a GPU, "
+                        "cpu on a CPU")
+    parser.add_argument("--nanogpt", help="nanoGPT's model.py, to run it beside fastgpt")
+    parser.add_argument("--runs", type=int, default=9, help="timed runs; the median is kept")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compiles)")
+    parser.add_argument("--corpus", default="pystdlib")
+    parser.add_argument("--device", choices=["cuda", "cpu"])
+    parser.add_argument("--out", help="JSON file for the results")
+    args = parser.parse_args()
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    config = args.config or ("seed" if cuda else "cpu")
+    sizes = CONFIGS[config]
+    card = (torch.cuda.get_device_name(device) if cuda else
+            f"CPU ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads)")
+    train_ids, _ = byte_tokens(args.corpus)
+    ops.set_backend("reference")
+    builders = {
+        "fastgpt": lambda batches: fastgpt_step(sizes, batches, device, False),
+        "fastgpt-compiled": lambda batches: fastgpt_step(sizes, batches, device, True)}
+    if args.nanogpt:
+        builders["nanogpt"] = lambda b: nanogpt_step(args.nanogpt, sizes, b, device, False)
+        builders["nanogpt-compiled"] = lambda b: nanogpt_step(args.nanogpt, sizes, b, device,
+                                                              True)
+    print(f"{config}: {sizes} on {card}; torch {torch.__version__}")
+    steps, losses, times, warmup_s = {}, {}, {}, {}
+    for name, build in builders.items():
+        batches = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
+                              sizes["batch_size"], SEED, pin_memory=cuda)
+        started = time.perf_counter()
+        steps[name] = build(batches)
+        for _ in range(args.warmup):
+            steps[name]()
+        if cuda:
+            torch.cuda.synchronize()
+        warmup_s[name] = time.perf_counter() - started
+        times[name] = []
+    for _ in range(args.runs):
+        for name, step in steps.items():
+            def run():
+                for _ in range(args.steps):
+                    losses[name] = step()
+            times[name].append(time_ms(run, cuda) / args.steps)
+
+    rows = []
+    print("\n| variant | ms/step | vs eager fastgpt | vs compiled nanoGPT | warm-up s | loss |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in steps:
+        ms = statistics.median(times[name])
+        row = {"variant": name, "ms_per_step": ms, "warmup_s": warmup_s[name],
+               "loss": losses[name].item(), "runs": times[name]}
+        rows.append(row)
+        vs_nano = (f"{ms / statistics.median(times['nanogpt-compiled']):.2f}x"
+                   if "nanogpt-compiled" in times else "")
+        print(f"| {name} | {ms:.1f} | {ms / statistics.median(times['fastgpt']):.2f}x | "
+              f"{vs_nano} | {warmup_s[name]:.1f} | {row['loss']:.4f} |")
+    write_result(args.out, "compile", card, args.runs, rows)
+    eager, compiled = losses["fastgpt"].item(), losses["fastgpt-compiled"].item()
+    drift = abs(compiled - eager) / eager
+    if not drift <= LOSS_TOLERANCE:
+        print(f"FAILED: the compiled step's loss {compiled:.4f} is {drift:.2%} from the eager "
+              f"step's {eager:.4f} (tolerance {LOSS_TOLERANCE:.0%})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
