@@ -15,9 +15,13 @@ initialisation:
                     is part of fastgpt)
   nanogpt-compiled  the same through torch.compile, as nanoGPT's train.py does
 The timed runs take turns (run r of every variant before run r + 1 of any) so that a noisy
-machine's drift is shared; the median per step is kept. The compiled fastgpt step must end
-within LOSS_TOLERANCE of the eager one's loss, else the script fails: no speed from wrong
-maths.
+machine's drift is shared; the median per step is kept. No speed from wrong maths: the
+compiled fastgpt step's first loss (the same weights and batch as the eager one's) must
+agree with the eager one within fp32 rounding, 1e-5 relative (within LOSS_TOLERANCE when
+the config has dropout, whose masks a compiled graph draws with its own generator), else
+the script fails. The last losses are shown, not checked: after dozens of AdamW steps two
+orders of summation (and inductor's parallel embedding backward, whose order varies run to
+run) drift apart by up to about a percent on one batch.
 """
 
 from __future__ import annotations
@@ -82,12 +86,15 @@ def main() -> int:
     parser.add_argument("--nanogpt", help="nanoGPT's model.py, to run it beside fastgpt")
     parser.add_argument("--runs", type=int, default=9, help="timed runs; the median is kept")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compiles)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps, at least 1 (compiles)")
     parser.add_argument("--corpus", default="pystdlib")
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
 
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step's loss is checked)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     config = args.config or ("seed" if cuda else "cpu")
@@ -105,13 +112,14 @@ def main() -> int:
         builders["nanogpt-compiled"] = lambda b: nanogpt_step(args.nanogpt, sizes, b, device,
                                                               True)
     print(f"{config}: {sizes} on {card}; torch {torch.__version__}")
-    steps, losses, times, warmup_s = {}, {}, {}, {}
+    steps, first_loss, losses, times, warmup_s = {}, {}, {}, {}, {}
     for name, build in builders.items():
         batches = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
                               sizes["batch_size"], SEED, pin_memory=cuda)
         started = time.perf_counter()
         steps[name] = build(batches)
-        for _ in range(args.warmup):
+        first_loss[name] = steps[name]().item()
+        for _ in range(args.warmup - 1):
             steps[name]()
         if cuda:
             torch.cuda.synchronize()
@@ -125,23 +133,27 @@ def main() -> int:
             times[name].append(time_ms(run, cuda) / args.steps)
 
     rows = []
-    print("\n| variant | ms/step | vs eager fastgpt | vs compiled nanoGPT | warm-up s | loss |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| variant | ms/step | vs eager fastgpt | vs compiled nanoGPT | warm-up s | "
+          "first loss | last loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in steps:
         ms = statistics.median(times[name])
         row = {"variant": name, "ms_per_step": ms, "warmup_s": warmup_s[name],
-               "loss": losses[name].item(), "runs": times[name]}
+               "first_loss": first_loss[name], "loss": losses[name].item(),
+               "runs": times[name]}
         rows.append(row)
         vs_nano = (f"{ms / statistics.median(times['nanogpt-compiled']):.2f}x"
                    if "nanogpt-compiled" in times else "")
         print(f"| {name} | {ms:.1f} | {ms / statistics.median(times['fastgpt']):.2f}x | "
-              f"{vs_nano} | {warmup_s[name]:.1f} | {row['loss']:.4f} |")
+              f"{vs_nano} | {warmup_s[name]:.1f} | {row['first_loss']:.6f} | "
+              f"{row['loss']:.4f} |")
     write_result(args.out, "compile", card, args.runs, rows)
-    eager, compiled = losses["fastgpt"].item(), losses["fastgpt-compiled"].item()
+    eager, compiled = first_loss["fastgpt"], first_loss["fastgpt-compiled"]
+    tolerance = 1e-5 if sizes["dropout"] == 0 else LOSS_TOLERANCE
     drift = abs(compiled - eager) / eager
-    if not drift <= LOSS_TOLERANCE:
-        print(f"FAILED: the compiled step's loss {compiled:.4f} is {drift:.2%} from the eager "
-              f"step's {eager:.4f} (tolerance {LOSS_TOLERANCE:.0%})", file=sys.stderr)
+    if not drift <= tolerance:
+        print(f"FAILED: the compiled step's first loss {compiled:.6f} is {drift:.2e} from the "
+              f"eager step's {eager:.6f} (tolerance {tolerance:.0e})", file=sys.stderr)
         return 1
     return 0
 
