@@ -152,7 +152,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     the gradients over the ranks on the last micro-batch only). Returns the step's loss, a
     float32 scalar on `device`: reading it waits for the device, so the loop reads it only
     when it logs. Nothing in the step itself waits for the device."""
-    step_loss = torch.zeros((), device=device)
+    losses = []
     for i in range(grad_accum):
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
@@ -161,9 +161,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         with (model.no_sync() if hasattr(model, "no_sync") and not last
               else contextlib.nullcontext()):
             with autocast(device, bf16):
-                loss = model(x, y) / grad_accum
+                loss = model(x, y)
+                if grad_accum > 1:
+                    loss = loss / grad_accum
             loss.backward()
-        step_loss += loss.detach()
+        losses.append(loss.detach())
+    step_loss = losses[0] if grad_accum == 1 else torch.stack(losses).sum()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss

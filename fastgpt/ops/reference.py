@@ -22,8 +22,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale                      # (B, H, Tq, Tk)
-    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
-    scores = scores.masked_fill(future, float("-inf"))  # each query sees the keys up to its own
+    # query i sits at position Tk - Tq + i and sees the keys up to it. (Compared from
+    # positions, not a stored bool matrix, which torch.compile's CPU code loads slowly.)
+    positions = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    future = torch.arange(Tk, device=q.device)[None, :] > positions    # (Tq, Tk)
+    scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if keep is not None:
         probs = probs * keep / (1.0 - dropout_p)
