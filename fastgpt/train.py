@@ -98,7 +98,9 @@ def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size:
         for split, dataset in datasets.items():
             loader = make_loader(dataset, batch_size, torch.Generator().manual_seed(seed),
                                  drop_last=False)
-            total, count = 0.0, 0
+            # summed on the device in float64 and read once per split: no sync per batch
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
             for i, (x, y) in zip(range(eval_batches), loader):
                 if stop is not None and stop():
                     return None
@@ -106,10 +108,9 @@ def estimate_loss(model: GPT, datasets: dict[str, NextTokenDataset], batch_size:
                     continue
                 x, y = x.to(device), y.to(device)
                 with autocast(device, bf16):
-                    total += model.loss(x, y, reduction="sum").item()
+                    total += model.loss(x, y, reduction="sum").double()
                 count += y.numel()
-            sums = distributed.all_reduce_sum(
-                ctx, torch.tensor([total, count], dtype=torch.float64, device=device))
+            sums = distributed.all_reduce_sum(ctx, torch.stack([total, total.new_tensor(count)]))
             losses[split] = (sums[0] / sums[1]).item()
     finally:
         model.train(was_training)
