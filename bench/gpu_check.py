@@ -7,7 +7,7 @@ still brings back what was done.
 
 DIR (default: $OUT if set, else bench/results/) gets, as the run goes:
   log.txt            every stage's output, appended as it comes (unbuffered)
-  environment.json   commit, GPU, driver, CUDA, torch, triton, Python, CPU count
+  environment.result.json   commit, GPU, driver, CUDA, torch, triton, Python, CPU count
   STAGE.json         a stage's record: {"stage", "status", "seconds", "command", ...} with
                      status "running" while it runs (so a killed run says where it stopped),
                      then "pass", "fail", "timeout" (it overran its share and was killed)
@@ -40,6 +40,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_BUDGET_S = 420
 RESERVE_S = 15  # kept back for the report at the end
+BUDGET_SKIP = "budget:"  # how the reason of a stage the budget could not fit begins
 PYTHON = sys.executable
 
 
@@ -70,6 +71,15 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def finished(record: dict) -> bool:
+    """Whether a stage's record is an outcome to keep: passed, failed, overran, or skipped
+    for a reason other than the budget (a run cut off, or short of time, did not finish
+    it)."""
+    if record.get("status") == "skip":
+        return not record.get("reason", "").startswith(BUDGET_SKIP)
+    return record.get("status") in ("pass", "fail", "timeout")
+
+
 def read_record(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -95,18 +105,39 @@ class _Tee(threading.Thread):
                 self.echo.flush()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the stage's whole process group, SIGKILL 5 s later if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End every process of the stage's group (the stage, and whatever it started that is
+    still there after it exits): SIGTERM, SIGKILL after 5 s. A stop signal arriving
+    meanwhile waits until this is done."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if proc.poll() is not None and not _group_alive(proc.pid):
+                    break
+                time.sleep(0.05)
+            else:
+                continue
+            break
+        proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # Each stage in a process group of its own (a timeout kills everything it started) but in
@@ -131,8 +162,9 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
     """Run `stages` in order within `budget_s` seconds (less reserve_s, kept for the
     report), recording each in out/NAME.json and appending its output to out/log.txt;
     out/plan.json lists them first, so that a report can tell the stages a killed run did
-    not reach. keep_finished: a stage already recorded as finished in `out` (not
-    "running") is kept, not run again. SIGTERM, SIGHUP or SIGINT kill the running stage's
+    not reach. keep_finished: a stage whose record in `out` is finished() is kept, not run
+    again (one cut off or skipped for the budget runs). SIGTERM, SIGHUP or SIGINT kill the
+    running stage's
     processes and end the run (exit 128 + the signal), its record left "running".
     Returns the records."""
     out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +184,7 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
         "stages": planned})
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _raise_stopped)
-                    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+        handlers = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     records = []
     try:
         with open(out / "log.txt", "ab", buffering=0) as log:
@@ -165,7 +196,7 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
 
             for stage in stages:
                 previous = read_record(out / f"{stage.name}.json") if keep_finished else None
-                if previous and previous.get("status") not in (None, "running"):
+                if previous and finished(previous):
                     say(f"== {stage.name}: kept from the earlier run ({previous['status']})")
                     records.append(previous)
                     continue
@@ -190,7 +221,7 @@ def _run_stage(stage: Stage, out: Path, left: float, log, echo, say, clock) -> d
               "expected_s": stage.expected_s}
     reason = stage.skip() if stage.skip else None
     if reason is None and left < stage.minimum_s:
-        reason = (f"budget: {max(left, 0):.0f} s left, it needs at least "
+        reason = (f"{BUDGET_SKIP} {max(left, 0):.0f} s left, it needs at least "
                   f"{stage.minimum_s:.0f} s (about {stage.expected_s:.0f} s)")
     if reason is not None:
         record.update(status="skip", reason=reason, seconds=0.0)
@@ -204,23 +235,26 @@ def _run_stage(stage: Stage, out: Path, left: float, log, echo, say, clock) -> d
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, **_OWN_GROUP,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **stage.env})
-    record.update(status="running", timeout_s=round(timeout, 1), pid=proc.pid,
-                  started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _write_json(path, record)
     tee = _Tee(proc.stdout, log, echo)
-    tee.start()
-    try:
-        returncode = proc.wait(timeout=timeout)
-        status = "pass" if returncode == 0 else "fail"
-    except subprocess.TimeoutExpired:
+    try:  # whatever happens here (a timeout, a stop signal), the stage's group is ended
+        record.update(status="running", timeout_s=round(timeout, 1), pid=proc.pid,
+                      started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_json(path, record)
+        tee.start()
+        try:
+            returncode = proc.wait(timeout=timeout)
+            status = "pass" if returncode == 0 else "fail"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+        except _Stopped as stopped:  # the record stays "running": the report says cut off
+            say(f"== {stage.name}: the check was stopped (signal {stopped.args[0]}) while "
+                f"it ran; its processes are killed")
+            raise
+    finally:
         _kill_group(proc)
-        returncode, status = proc.returncode, "timeout"
-    except _Stopped as stopped:  # the record stays "running": the report says cut off
-        _kill_group(proc)
-        say(f"== {stage.name}: the check was stopped (signal {stopped.args[0]}) while it "
-            f"ran; its processes were killed")
-        raise
-    tee.join(timeout=10)
+    returncode = proc.returncode
+    if tee.is_alive():
+        tee.join(timeout=10)
     proc.stdout.close()
     seconds = round(clock() - began, 1)
     record.update(status=status, returncode=returncode, seconds=seconds)
@@ -317,7 +351,7 @@ def gpu_stages() -> list[Stage]:
         for tool in ("memcheck", "racecheck")]
     return [
         Stage("environment", "commit, GPU, driver and versions",
-              ("{python}", str(BENCH / "gpu_check.py"), "--environment", "{dir}/environment.json"),
+              ("{python}", str(BENCH / "gpu_check.py"), "--environment", "{result}"),
               expected_s=5, minimum_s=5, share_s=60),
         Stage("build", "fastgpt._C compiled in parallel and loaded, every kernel's self-check",
               ("{python}", "-c", BUILD), expected_s=90, minimum_s=60, share_s=300),

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from gpu_check import BUDGET_SKIP  # noqa: E402  (bench/gpu_check.py: no torch at import)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -143,6 +145,7 @@ def render(paths: list[Path]) -> str:
     return "\n".join(sections)
 
 
+ENVIRONMENT = "environment"  # the stage whose result is what the run ran on, not a table
 STATUS = {"pass": "PASS", "fail": "FAIL", "timeout": "TIMEOUT", "skip": "SKIP",
           "running": "CUT OFF"}
 
@@ -162,8 +165,19 @@ def run_records(*run_dirs: Path) -> list[dict]:
     return [record for record, _ in _merged(run_dirs)]
 
 
+def _rank(record: dict) -> int:
+    """How much a record says: an outcome (pass, fail, timeout) over a skip for a reason
+    of its own (a missing tool) over a skip for the budget over a cut-off run over none."""
+    status = record["status"]
+    if status == "skip":
+        return 1 if record.get("reason", "").startswith(BUDGET_SKIP) else 2
+    return {"pass": 3, "fail": 3, "timeout": 3, "running": 0}.get(status, -1)
+
+
 def _merged(run_dirs) -> list[tuple[dict, Path | None]]:
-    """run_records, each with the directory its record came from (None: not reached)."""
+    """run_records, each with the directory its record came from (None: not reached). Of
+    several runs' records of a stage the one that says most is kept, the later of equals
+    (a rerun that fails where the first run passed is the news)."""
     planned, records = [], {}
     for run_dir in run_dirs:
         for entry in (_read(run_dir / "plan.json") or {"stages": []})["stages"]:
@@ -172,8 +186,7 @@ def _merged(run_dirs) -> list[tuple[dict, Path | None]]:
                 planned.append(name)
                 records[name] = ({**entry, "status": "not reached"}, None)
             record = _read(run_dir / f"{name}.json")
-            if record and (record["status"] != "running"
-                           or records[name][0]["status"] in ("not reached", "running")):
+            if record and _rank(record) >= _rank(records[name][0]):
                 records[name] = (record, run_dir)
     return [records[name] for name in planned]
 
@@ -215,7 +228,8 @@ def assemble(run_dirs: Path | list[Path], results_dir: Path) -> list[Path]:
     """The report of the run in `run_dirs` (a directory, or a run and its reruns), written
     to `results_dir` (see the module's docstring). Returns the files written."""
     run_dirs = [run_dirs] if isinstance(run_dirs, Path) else list(run_dirs)
-    environment = next((e for e in (_read(d / "environment.json") for d in run_dirs) if e), {})
+    environment = next((e for e in (_read(d / f"{ENVIRONMENT}.result.json") for d in run_dirs)
+                        if e), {})
     merged = _merged(run_dirs)
     records = [record for record, _ in merged]
     stem = _stem(environment)
@@ -223,7 +237,7 @@ def assemble(run_dirs: Path | list[Path], results_dir: Path) -> list[Path]:
     written, tables, results = [], [], {}
     for r, run_dir in merged:
         path = (run_dir or run_dirs[0]) / f"{r['stage']}.result.json"
-        if run_dir is None or not path.exists():
+        if run_dir is None or not path.exists() or r["stage"] == ENVIRONMENT:
             continue
         result = _read(path)
         if result is None or result.get("benchmark") not in RENDER:

@@ -205,27 +205,82 @@ def test_a_stop_signal_kills_the_running_stage_and_ends_the_run(tmp_path):
 
 
 def test_continue_keeps_finished_stages_and_runs_the_rest(tmp_path):
-    first = [stage("a", "print('a ran')"), stage("b", "print('b ran')", minimum_s=10_000)]
+    first = [stage("a", "print('a ran')"), stage("b", "print('b ran')", minimum_s=10_000),
+             stage("cut", "print('cut ran')"),
+             stage("no_tool", "print(1)", skip=lambda: "compute-sanitizer not found")]
     run_stages(first, tmp_path, budget_s=100, reserve_s=0)
-    assert records_of(tmp_path)["b"]["status"] == "skip"
-    (tmp_path / "b.json").write_text(json.dumps({"stage": "b", "status": "running"}))  # cut
+    assert records_of(tmp_path)["b"]["status"] == "skip"  # for the budget
+    (tmp_path / "cut.json").write_text(json.dumps({"stage": "cut", "status": "running"}))
     again = [stage("a", "raise SystemExit('a must not run again')"), stage("b", "print('b ran')"),
+             stage("cut", "print('cut ran')"),
+             stage("no_tool", "raise SystemExit('a skip for a reason of its own is kept')"),
              stage("c", "print('c ran')")]
     records = run_stages(again, tmp_path, budget_s=100, reserve_s=0, keep_finished=True)
-    assert [(r["stage"], r["status"]) for r in records] == [("a", "pass"), ("b", "pass"),
-                                                            ("c", "pass")]
+    assert [(r["stage"], r["status"]) for r in records] == [
+        ("a", "pass"), ("b", "pass"), ("cut", "pass"), ("no_tool", "skip"), ("c", "pass")]
     log = (tmp_path / "log.txt").read_text()
     assert log.count("\na ran\n") == 1 and "kept from the earlier run (pass)" in log
+    # the budget skip and the cut-off stage ran again
+    assert "\nb ran\n" in log and log.count("\ncut ran\n") == 2
     # a fresh run (no --continue) starts over: the earlier stages' files are gone
     run_stages([stage("d", "print('d')")], tmp_path, budget_s=100, reserve_s=0)
     assert list(records_of(tmp_path)) == ["d"]
     assert not (tmp_path / "a.json").exists() and "a ran" not in (tmp_path / "log.txt").read_text()
 
 
+def test_a_stage_that_exits_leaves_nothing_running(tmp_path):
+    # what a stage started and left behind (a server, a worker pool) would hold the GPU
+    # into the next stages: its process group is ended when it exits
+    child = tmp_path / "child.pid"
+    code = (f"import subprocess, sys\n"
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(child)!r}, 'w').write(str(p.pid))\n")
+    started = time.monotonic()
+    records = run_stages([stage("leaves_a_child", code)], tmp_path, budget_s=100, reserve_s=0)
+    assert records[0]["status"] == "pass" and time.monotonic() - started < 30
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 10
+    while True:  # killed; gone once its new parent has reaped it
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break  # a zombie: dead, its new parent not reaping it yet
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        assert time.monotonic() < deadline, f"the stage's child {pid} is still running"
+        time.sleep(0.05)
+
+
+def test_the_environment_stage_puts_gpu_date_and_commit_in_the_report(tmp_path):
+    # the real stage (on a CPU its GPU is None): its record must not overwrite its result
+    out = tmp_path / "run"
+    environment = next(s for s in gpu_check.gpu_stages() if s.name == "environment")
+    assert run_stages([environment], out, budget_s=100, reserve_s=0)[0]["status"] == "pass"
+    info = json.loads((out / "environment.result.json").read_text())
+    assert info["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                            text=True, cwd=BENCH.parent).stdout.strip()
+    written = report.assemble(out, tmp_path / "published")
+    md = next(p for p in written if p.suffix == ".md" and p.name != "README.md").read_text()
+    assert f"commit `{info['commit'][:12]}`" in md and info["date"] in md
+    assert "unreadable" not in md  # the environment is not a benchmark table
+
+
+def test_a_later_run_short_of_time_does_not_hide_an_earlier_result(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_stages([write_result_stage("bench_adamw")], first, budget_s=100, reserve_s=0)
+    run_stages([stage("bench_adamw", "print(1)", minimum_s=10_000)], second, budget_s=100,
+               reserve_s=0)
+    assert report.run_records(first, second)[0]["status"] == "pass"
+    md = (tmp_path / "published" / "undated-unknown-gpu.md")
+    report.assemble([first, second], tmp_path / "published")
+    assert "| seed (11.1M) | no | 1.000 |" in md.read_text()  # the first run's table
+
+
 def test_report_assembles_a_finished_run_with_its_benchmark_tables(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "environment.json").write_text(json.dumps({
+    (out / "environment.result.json").write_text(json.dumps({
         "date": "2026-12-04", "commit": "0123456789abcdef", "dirty": False,
         "gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "cuda": "13.0", "torch": "2.11.0",
         "triton": "3.6.0", "python": "3.12.3"}))
