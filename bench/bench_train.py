@@ -98,7 +98,9 @@ class SDPAttention(CausalSelfAttention):
     """fastgpt's attention module (same parameters) computed by torch's
     scaled_dot_product_attention: the stock variant's attention."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("the benchmark's SDPA attention takes no key/value cache")
         B, T, C = x.shape
         H = self.num_heads
 

@@ -152,7 +152,11 @@ class AdamW(torch.optim.Optimizer):
     def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
                         grad_scale: torch.Tensor | None) -> None:
         """The update of the module docstring, one torch._foreach_* call per line for all of
-        `params` (per element exactly torch.optim.AdamW(foreach=False)'s arithmetic)."""
+        `params` (per element exactly torch.optim.AdamW(foreach=False)'s arithmetic). Like
+        torch's foreach AdamW it holds the denominators (and, when clipping, the scaled
+        gradients; for bf16/fp16 parameters fp32 copies) of the whole group at once: up to
+        a few times the group's size in fp32 beside the state, for 8 calls instead of 8
+        per tensor."""
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
         eps, weight_decay = group["eps"], group["weight_decay"]
         bias_correction1 = 1.0 - beta1 ** step

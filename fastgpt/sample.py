@@ -86,7 +86,9 @@ def sample_from_checkpoint(path: str, prompt: str = "\n", max_new_tokens: int = 
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     out = generate(model, idx, max_new_tokens, temperature, top_k, generator, kv_cache)
-    seconds = time.perf_counter() - started  # the tokens were read back to the CPU: done
+    if target.type == "cuda":  # greedy decoding never waits for the GPU on its own
+        torch.cuda.synchronize(target)
+    seconds = time.perf_counter() - started
     if log is not None and max_new_tokens:
         new_tokens = max_new_tokens * num_samples
         log(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:,.0f} tokens/s "

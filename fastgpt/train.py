@@ -74,7 +74,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on `device` when bf16, else nothing (not an autocast that is off)."""
+    """bf16 autocast on `device` when bf16, else nothing: an autocast the caller opened
+    around it stays in force (no context that switches it off)."""
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

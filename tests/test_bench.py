@@ -85,6 +85,20 @@ def test_train_benchmark_cpu_mode(tmp_path):
     assert abs(rows[1]["loss_drift_vs_1"]) <= 0.01
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+def test_train_benchmark_runs_the_stock_and_fused_variants_on_a_cpu(tmp_path):
+    # variants 3-5 are the GPU's (gpu_check runs 1 3 4 5): a tiny CPU run catches a variant
+    # that no longer builds or steps before a lease is spent on it (4 and 5 take the Triton
+    # kernel through the interpreter where it runs, else the reference)
+    out = tmp_path / "train.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny", "--device", "cpu",
+         "--variants", "1", "3", "4", "5", "--steps", "1", "--runs", "1", "--warmup", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["1", "3", "4", "5"]
+
+
 def test_train_benchmark_flops_per_token_counts_like_nanogpt():
     bench_train = _import_bench("bench_train")
     from fastgpt.model import GPT
@@ -169,10 +183,17 @@ def test_compile_benchmark_times_every_variant_in_turns(tmp_path):
     assert [r["variant"] for r in rows] == ["fastgpt", "fastgpt-compiled", "nanogpt",
                                             "nanogpt-compiled"]
     assert all(len(r["runs"]) == 2 and r["ms_per_step"] > 0 for r in rows)
-    # the script's own check: tiny has dropout 0.1, whose masks a compiled graph draws with
-    # inductor's generator, so the first losses are close (LOSS_TOLERANCE), not equal
-    assert rows[1]["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=0.01)
+    assert "compiled against eager, dropout off: loss " in result.stdout
     assert "| fastgpt-compiled |" in result.stdout
+
+
+def test_compile_benchmark_fails_when_the_compiled_step_computes_something_else(monkeypatch,
+                                                                             capsys):
+    bench_compile = _import_bench("bench_compile")
+    monkeypatch.setattr(bench_compile, "compiled_errors", lambda *args: (3e-3, 1e-7))
+    monkeypatch.setattr(sys, "argv", ["bench_compile.py", "--config", "tiny", "--device", "cpu"])
+    assert bench_compile.main() == 1
+    assert "FAILED: the compiled step differs from the eager one" in capsys.readouterr().err
 
 
 @needs_fused_cross_entropy

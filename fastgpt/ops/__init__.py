@@ -238,6 +238,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if backend is not None:
+        check_backend(backend)  # a misspelt name fails here too
     if k.shape[-2] != q.shape[-2]:
         if k.shape[-2] < q.shape[-2]:
             raise ValueError(f"k and v must be at least as long as q, got {k.shape[-2]} "
@@ -270,7 +272,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     naming it; on a GPU an asynchronous device-side assert, which stops the process at its
     next synchronisation (as F.cross_entropy's own does). check_targets=False skips that
     check (a few small launches) for targets validated where they were made; an
-    out-of-range target then gives a wrong loss, or an out-of-bounds read in the reference.
+    out-of-range target then gives its row a nan loss and gradient in the fused kernel
+    (which reads nothing outside the row) and an index error in the reference.
     """
     if resolve_backend("cross_entropy", backend, logits.device) == "reference":
         return reference.cross_entropy(logits, targets, ignore_index=ignore_index,
