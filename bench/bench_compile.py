@@ -126,7 +126,17 @@ def main() -> int:
             f"CPU ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads)")
     train_ids, _ = byte_tokens(args.corpus)
-    ops.set_backend("reference")
+    previous = ops.set_backend("reference")
+    try:
+        return measure(args, config, sizes, card, device, train_ids)
+    finally:
+        ops.set_backend(previous)
+
+
+def measure(args, config: str, sizes: dict, card: str, device: torch.device,
+            train_ids) -> int:
+    """The check, the timed runs and the table (main's body, under the reference ops)."""
+    cuda = device.type == "cuda"
     builders = {
         "fastgpt": lambda batches: fastgpt_step(sizes, batches, device, False),
         "fastgpt-compiled": lambda batches: fastgpt_step(sizes, batches, device, True)}
@@ -178,6 +188,7 @@ def main() -> int:
               f"{vs_nano} | {warmup_s[name]:.1f} | {row['loss']:.4f} |")
     write_result(args.out, "compile", card, args.runs, rows)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

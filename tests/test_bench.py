@@ -192,8 +192,10 @@ def test_compile_benchmark_fails_when_the_compiled_step_computes_something_else(
     bench_compile = _import_bench("bench_compile")
     monkeypatch.setattr(bench_compile, "compiled_errors", lambda *args: (3e-3, 1e-7))
     monkeypatch.setattr(sys, "argv", ["bench_compile.py", "--config", "tiny", "--device", "cpu"])
+    default = ops.get_backend()
     assert bench_compile.main() == 1
     assert "FAILED: the compiled step differs from the eager one" in capsys.readouterr().err
+    assert ops.get_backend() == default  # the script's reference ops end with it
 
 
 @needs_fused_cross_entropy
