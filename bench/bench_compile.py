@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
-from bench_train import CONFIGS, SEED, byte_tokens  # noqa: E402  (bench/bench_train.py)
+from bench_train import CONFIGS, SEED, byte_tokens, model_sizes  # noqa: E402
 from fastgpt import ops  # noqa: E402
 from fastgpt.data import NextTokenDataset  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
@@ -50,10 +50,6 @@ LR, WEIGHT_DECAY = 1e-3, 0.01
 
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # compiled against eager: see the module docstring
-
-
-def model_sizes(sizes: dict) -> dict:
-    return {k: v for k, v in sizes.items() if k != "batch_size"}
 
 
 def fastgpt_step(sizes: dict, batches, device: torch.device, compile: bool):

@@ -70,6 +70,11 @@ WEIGHT_DECAY = 0.01
 EVAL_BATCHES = 4
 
 
+def model_sizes(sizes: dict) -> dict:
+    """A config's GPT arguments (all but the batch size)."""
+    return {k: v for k, v in sizes.items() if k != "batch_size"}
+
+
 def preset_sizes(preset: str) -> dict:
     config = make_config(preset)
     return {**config.model_kwargs(), "batch_size": config.batch_size}
@@ -140,8 +145,7 @@ def byte_tokens(corpus: str) -> tuple[np.ndarray, np.ndarray]:
 def build_variant(name: str, sizes: dict, device: torch.device, train_ids: np.ndarray):
     """(model, step function) for a variant; the model starts from the shared seed."""
     torch.manual_seed(SEED)
-    model_sizes = {k: v for k, v in sizes.items() if k != "batch_size"}
-    model = GPT(**model_sizes).to(device)
+    model = GPT(**model_sizes(sizes)).to(device)
     batch_size, T = sizes["batch_size"], sizes["context_length"]
     batches = BatchStream(NextTokenDataset(train_ids, T, "train"), batch_size, SEED,
                           pin_memory=device.type == "cuda")
@@ -201,7 +205,7 @@ def backend_of(name: str) -> str:
 
 def val_loss(weights: dict, sizes: dict, device: torch.device, val_ids: np.ndarray) -> float:
     """The fp32 reference evaluator: a fresh GPT with `weights`, eval mode, fixed batches."""
-    model = GPT(**{k: v for k, v in sizes.items() if k != "batch_size"}).to(device)
+    model = GPT(**model_sizes(sizes)).to(device)
     model.load_state_dict(weights)
     previous = ops.set_backend("reference")
     try:
@@ -325,7 +329,7 @@ def main() -> int:
     for config in args.configs:
         sizes = CONFIGS[config]
         torch.manual_seed(SEED)
-        probe = GPT(**{k: v for k, v in sizes.items() if k != "batch_size"})
+        probe = GPT(**model_sizes(sizes))
         per_token = flops_per_token(probe, sizes)
         untrained = val_loss(probe.state_dict(), sizes, device, data[1])
         del probe

@@ -216,17 +216,6 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     return loss, stats, grad
 
 
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad (contiguous) *= scale (a one-element tensor on grad's device), in place,
-    without a host sync: the kernel itself skips the work when scale is exactly 1."""
-    scale = scale.to(torch.float32).reshape(1)
-    block = SCALE_BLOCK if grad.is_cuda else INTERPRETER_SCALE_BLOCK
-    with _on_device(grad):
-        _scale_kernel[(triton.cdiv(grad.numel(), block),)](
-            grad, scale, grad.numel(), BLOCK=block, num_warps=8)
-    return grad
-
-
 # The launches as custom ops, so that torch.compile traces the loss through their fake
 # (shape-only) versions and calls the kernels at run time, instead of tracing into Triton.
 
@@ -266,8 +255,14 @@ def _(logits, targets, stats, grad_scale, ignore_index, label_smoothing, block_v
 
 @torch.library.custom_op("fastgpt::cross_entropy_scale_", mutates_args=("grad",))
 def _scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """scale_() (grad *= scale in place); torch bumps grad's version for autograd."""
-    scale_(grad, scale)
+    """grad (contiguous) *= scale (a one-element tensor on grad's device), in place,
+    without a host sync: the kernel itself skips the work when scale is exactly 1. As a
+    custom op that declares the mutation, torch bumps grad's version for autograd."""
+    scale = scale.to(torch.float32).reshape(1)
+    block = SCALE_BLOCK if grad.is_cuda else INTERPRETER_SCALE_BLOCK
+    with _on_device(grad):
+        _scale_kernel[(triton.cdiv(grad.numel(), block),)](
+            grad, scale, grad.numel(), BLOCK=block, num_warps=8)
 
 
 @_scale_op.register_fake
