@@ -43,3 +43,24 @@ def cpu_extension(tmp_path_factory):
     if not extension.registered():
         extension.build(cuda=False, build_directory=str(tmp_path_factory.mktemp("ext_cpu")))
     return torch.ops.fastgpt
+
+
+def build_on_cpu(name: str, tmp_path_factory):
+    """tests/cuda_on_cpu/<name>.cpp: CUDA kernels from csrc/ compiled with g++ through
+    tests/cuda_on_cpu/cuda_on_cpu.h, as a Python module (once per session)."""
+    from torch.utils.cpp_extension import load
+
+    here = Path(__file__).resolve().parent
+    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if not (cuda_include / "cuda_bf16.h").exists():
+        pytest.skip(f"needs the CUDA headers (cuda_bf16.h) under {cuda_include}")
+    return load(name=name, sources=[str(here / "cuda_on_cpu" / f"{name}.cpp")],
+                extra_include_paths=[str(here.parent / "csrc"), str(cuda_include)],
+                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
+                build_directory=str(tmp_path_factory.mktemp(name)))
+
+
+@pytest.fixture(scope="session")
+def kernels_on_cpu(tmp_path_factory):
+    """csrc/attention.cuh's kernels run on the CPU (tests/cuda_on_cpu/attention_on_cpu.cpp)."""
+    return build_on_cpu("attention_on_cpu", tmp_path_factory)

@@ -360,23 +360,6 @@ def test_the_model_gives_the_same_loss_and_gradients_with_the_kernel():
 
 # --- csrc/attention.cuh's kernels run on the CPU (tests/cuda_on_cpu) ----------------------------
 
-@pytest.fixture(scope="module")
-def kernels_on_cpu(tmp_path_factory):
-    """csrc/attention.cuh compiled with g++ through tests/cuda_on_cpu/cuda_on_cpu.h."""
-    from pathlib import Path
-
-    from torch.utils.cpp_extension import load
-
-    here = Path(__file__).resolve().parent
-    cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    if not (cuda_include / "cuda_bf16.h").exists():
-        pytest.skip(f"needs the CUDA headers (cuda_bf16.h) under {cuda_include}")
-    return load(name="attention_on_cpu", sources=[str(here / "cuda_on_cpu" / "attention_on_cpu.cpp")],
-                extra_include_paths=[str(here.parent / "csrc"), str(cuda_include)],
-                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
-                build_directory=str(tmp_path_factory.mktemp("attention_on_cpu")))
-
-
 def test_the_cpu_run_catches_a_kernel_writing_outside_a_buffer(kernels_on_cpu):
     # the red zones that every buffer allocated by the kernels' dispatch gets in the CPU run
     assert kernels_on_cpu.write_one(10, 9)[9].item() == 1.0
