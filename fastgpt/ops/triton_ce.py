@@ -27,6 +27,8 @@ arithmetic is not to be trusted) and only core tl math is used (no libdevice).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Any
 
 import torch
 import triton
@@ -143,12 +145,16 @@ def _cross_entropy_kernel(
 
 @triton.jit
 def _scale_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
-    """grad *= scale, read from device memory; a scale of exactly 1 moves no data."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr + tl.zeros([BLOCK], tl.int32))  # the one scale, in every lane
-    todo = (offsets < n) & (scale != 1.0)
-    g = tl.load(grad_ptr + offsets, mask=todo).to(tl.float32)
-    tl.store(grad_ptr + offsets, (g * scale).to(grad_ptr.dtype.element_ty), mask=todo)
+    """grad *= scale, read from device memory; a scale of exactly 1 moves no data. The
+    branch is on the one scalar: with `scale != 1` in every lane's mask instead, the
+    compiler could not tell that the mask is constant over a vector and accessed every
+    element alone (bench/results/kernels-sm90.md shows both)."""
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_bounds = offsets < n
+        g = tl.load(grad_ptr + offsets, mask=in_bounds).to(tl.float32)
+        tl.store(grad_ptr + offsets, (g * scale).to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def block_sizes(n_cols: int, block_v: int | None = None, block_rows: int | None = None,
@@ -174,6 +180,58 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+@dataclasses.dataclass
+class KernelLaunch:
+    """One launch of a @triton.jit kernel: kernel[grid](*args, **options), options being
+    its constexpr arguments and num_warps. launch() and _scale_op run theirs;
+    fastgpt/ops/triton_aot.py compiles self_check_launches() ahead of time for a GPU."""
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.options)
+
+
+def prepare_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                   label_smoothing: float, grad_scale: torch.Tensor | None,
+                   stats: torch.Tensor | None = None, block_v: int | None = None,
+                   block_rows: int | None = None, interpreted: bool | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                              KernelLaunch]:
+    """launch()'s outputs, allocated, and the kernel launch that fills them, not run.
+    interpreted (default: whether logits are on the CPU) picks the interpreter's block
+    sizes."""
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    stats_given = stats is not None
+    loss = None if stats_given else torch.empty(n_rows, dtype=torch.float32, device=device)
+    if stats is None:
+        stats = torch.empty(2, n_rows, dtype=torch.float32, device=device)
+    grad = None if grad_scale is None else torch.empty(n_rows, n_cols, dtype=logits.dtype,
+                                                       device=device)
+    if interpreted is None:
+        interpreted = not logits.is_cuda
+    rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows, interpreted)
+    kernel_launch = KernelLaunch(
+        _cross_entropy_kernel, (triton.cdiv(n_rows, rows_per_program),),
+        (logits, logits.stride(0), targets,
+         grad if grad is not None else stats, n_cols,  # grad_ptr unused without a gradient
+         loss if loss is not None else stats, stats,  # loss_ptr unused when stats given
+         grad_scale if grad_scale is not None else stats,
+         n_rows, n_cols, ignore_index, float(label_smoothing)),
+        dict(HAS_SMOOTHING=label_smoothing > 0.0,
+             STATS_GIVEN=stats_given,
+             COMPUTE_GRAD=grad is not None,
+             SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() == 1,
+             BLOCK_ROWS=rows_per_program,
+             BLOCK_V=block_v,
+             SINGLE_BLOCK=n_cols <= block_v,
+             num_warps=8 if block_v >= 4096 else 4))
+    return loss, stats, grad, kernel_launch
+
+
 def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
            label_smoothing: float, grad_scale: torch.Tensor | None,
            stats: torch.Tensor | None = None, block_v: int | None = None,
@@ -187,33 +245,22 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     launch to compute only the gradient. Returns (loss (N,) fp32 or None, stats (2, N) fp32,
     grad (N, V) in logits' dtype or None).
     """
-    n_rows, n_cols = logits.shape
-    device = logits.device
-    stats_given = stats is not None
-    loss = None if stats_given else torch.empty(n_rows, dtype=torch.float32, device=device)
-    if stats is None:
-        stats = torch.empty(2, n_rows, dtype=torch.float32, device=device)
-    grad = None if grad_scale is None else torch.empty(n_rows, n_cols, dtype=logits.dtype,
-                                                       device=device)
-    rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows,
-                                            interpreted=not logits.is_cuda)
+    loss, stats, grad, kernel_launch = prepare_launch(
+        logits, targets, ignore_index, label_smoothing, grad_scale, stats, block_v, block_rows)
     with _on_device(logits):
-        _cross_entropy_kernel[(triton.cdiv(n_rows, rows_per_program),)](
-            logits, logits.stride(0), targets,
-            grad if grad is not None else stats, n_cols,  # grad_ptr unused without a gradient
-            loss if loss is not None else stats, stats,  # loss_ptr unused when stats given
-            grad_scale if grad_scale is not None else stats,
-            n_rows, n_cols, ignore_index, float(label_smoothing),
-            HAS_SMOOTHING=label_smoothing > 0.0,
-            STATS_GIVEN=stats_given,
-            COMPUTE_GRAD=grad is not None,
-            SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() == 1,
-            BLOCK_ROWS=rows_per_program,
-            BLOCK_V=block_v,
-            SINGLE_BLOCK=n_cols <= block_v,
-            num_warps=8 if block_v >= 4096 else 4,
-        )
+        kernel_launch.run()
     return loss, stats, grad
+
+
+def scale_launch(grad: torch.Tensor, scale: torch.Tensor,
+                 interpreted: bool | None = None) -> KernelLaunch:
+    """_scale_kernel's launch for grad (contiguous) *= scale (fp32, one element);
+    interpreted (default: whether grad is on the CPU) picks the interpreter's block."""
+    if interpreted is None:
+        interpreted = not grad.is_cuda
+    block = INTERPRETER_SCALE_BLOCK if interpreted else SCALE_BLOCK
+    return KernelLaunch(_scale_kernel, (triton.cdiv(grad.numel(), block),),
+                        (grad, scale, grad.numel()), dict(BLOCK=block, num_warps=8))
 
 
 # The launches as custom ops, so that torch.compile traces the loss through their fake
@@ -258,11 +305,8 @@ def _scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad (contiguous) *= scale (a one-element tensor on grad's device), in place,
     without a host sync: the kernel itself skips the work when scale is exactly 1. As a
     custom op that declares the mutation, torch bumps grad's version for autograd."""
-    scale = scale.to(torch.float32).reshape(1)
-    block = SCALE_BLOCK if grad.is_cuda else INTERPRETER_SCALE_BLOCK
     with _on_device(grad):
-        _scale_kernel[(triton.cdiv(grad.numel(), block),)](
-            grad, scale, grad.numel(), BLOCK=block, num_warps=8)
+        scale_launch(grad, scale.to(torch.float32).reshape(1)).run()
 
 
 @_scale_op.register_fake
@@ -312,6 +356,12 @@ class FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+# self_check's cases: (logits dtype, vocab, reduction, label smoothing), on 6 rows
+SELF_CHECK_CASES = ((torch.float32, 37, "mean", 0.0), (torch.bfloat16, 512, "mean", 0.0),
+                    (torch.float32, 5000, "sum", 0.1), (torch.bfloat16, 5000, "none", 0.0))
+SELF_CHECK_ROWS = 6
+
+
 def self_check(device: torch.device) -> None:
     """Compile and run the kernel's variants once on `device` against the reference (fp32
     and bf16, one block and a vocab loop, mean / sum / none, label smoothing), so that
@@ -320,14 +370,13 @@ def self_check(device: torch.device) -> None:
     from fastgpt.ops.reference import cross_entropy as reference_cross_entropy
 
     generator = torch.Generator().manual_seed(0)
-    cases = [(torch.float32, 37, "mean", 0.0), (torch.bfloat16, 512, "mean", 0.0),
-             (torch.float32, 5000, "sum", 0.1), (torch.bfloat16, 5000, "none", 0.0)]
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast(
             device.type, enabled=False):
-        for dtype, vocab, reduction, smoothing in cases:
-            logits = torch.randn(6, vocab, generator=generator).to(device=device, dtype=dtype)
+        for dtype, vocab, reduction, smoothing in SELF_CHECK_CASES:
+            logits = torch.randn(SELF_CHECK_ROWS, vocab, generator=generator).to(
+                device=device, dtype=dtype)
             targets = torch.tensor([0, vocab - 1, 5, -100, 17, 3], device=device)
-            grad_output = torch.rand((6,) if reduction == "none" else (), generator=generator,
+            grad_output = torch.rand((SELF_CHECK_ROWS,) if reduction == "none" else (), generator=generator,
                                      dtype=torch.float64).to(device) + 0.5
             results = []
             for fused in (False, True):
@@ -351,3 +400,32 @@ def self_check(device: torch.device) -> None:
                 raise RuntimeError(
                     f"{dtype} V={vocab} {reduction}: loss error {loss_err:.3g}, gradient error "
                     f"{grad_err:.3g} against the reference")
+
+
+def self_check_launches() -> list[tuple[str, KernelLaunch]]:
+    """The kernel launches that self_check makes on a GPU, (case, launch) for each, on meta
+    tensors (shapes and dtypes, no data): what fastgpt/ops/triton_aot.py compiles ahead of
+    time. For each case, FusedCrossEntropy's forward and backward: with reduction "none" the
+    forward computes the loss alone and the backward the gradient from the saved stats with
+    a per-row scale; otherwise the forward writes the gradient (one scale) and the backward
+    scales it in place with _scale_kernel. tests/test_kernel_report.py checks this list
+    against the launches that a run of self_check records."""
+    launches = []
+    for dtype, vocab, reduction, smoothing in SELF_CHECK_CASES:
+        case = f"{str(dtype).removeprefix('torch.')} V={vocab} {reduction}" + (
+            f" smoothing={smoothing}" if smoothing else "")
+        logits = torch.empty(SELF_CHECK_ROWS, vocab, dtype=dtype, device="meta")
+        targets = torch.empty(SELF_CHECK_ROWS, dtype=torch.int64, device="meta")
+        per_row = torch.empty(SELF_CHECK_ROWS, dtype=torch.float32, device="meta")
+        one = torch.empty((), dtype=torch.float32, device="meta")
+        if reduction == "none":
+            _, stats, _, forward = prepare_launch(logits, targets, -100, smoothing, None,
+                                                  interpreted=False)
+            backward = prepare_launch(logits, targets, -100, smoothing, per_row, stats=stats,
+                                      interpreted=False)[3]
+        else:
+            _, _, grad, forward = prepare_launch(logits, targets, -100, smoothing, one,
+                                                 interpreted=False)
+            backward = scale_launch(grad, one.reshape(1), interpreted=False)
+        launches += [(f"{case}, forward", forward), (f"{case}, backward", backward)]
+    return launches
