@@ -1,5 +1,10 @@
 import argparse
+import dataclasses
 import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +69,43 @@ def build_on_cpu(name: str, tmp_path_factory):
 def kernels_on_cpu(tmp_path_factory):
     """csrc/attention.cuh's kernels run on the CPU (tests/cuda_on_cpu/attention_on_cpu.cpp)."""
     return build_on_cpu("attention_on_cpu", tmp_path_factory)
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaBuild:
+    """fastgpt._C built with its CUDA kernels by nvcc (see the cuda_build fixture)."""
+    library: str   # the built fastgpt_C_cuda*.so
+    log: str       # the build's output: ninja's nvcc commands, ptxas's -v resource report
+                   # per kernel, then "CUDA kernel <op> True|False" for each op
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def cuda_build(tmp_path_factory) -> CudaBuild:
+    """fastgpt._C with the CUDA kernels (the sm_80 and sm_90 SASS and compute_90 PTX of
+    extension.cuda_flags()), built once per session into a temporary folder, in a
+    subprocess (this process may hold the CPU build: one build of the namespace per
+    process), with verbose=True. Skipped without nvcc (failed where FASTGPT_REQUIRE_KERNELS=1);
+    a failed build fails every test that uses it, with the end of its log. 141 s on an
+    otherwise idle 2-core machine."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        from helpers import require_or_skip
+        require_or_skip("no nvcc: set CUDA_HOME to a CUDA toolkit")
+    build_directory = tmp_path_factory.mktemp("ext_cuda")
+    code = textwrap.dedent(f"""
+        import torch
+        from fastgpt.ops import extension
+        extension.build(cuda=True, build_directory={str(build_directory)!r}, verbose=True)
+        for op in ("adamw_step", "attention_forward", "attention_backward"):
+            print("CUDA kernel", op, torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fastgpt::" + op, "CUDA"))
+    """)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_HOME": cuda_home}, timeout=900)
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"the CUDA build of fastgpt._C failed:\n{log[-3000:]}")
+    return CudaBuild(str(next(build_directory.glob("fastgpt_C_cuda*.so"))), log,
+                     time.perf_counter() - start)
