@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny config that trains in a second on a CPU."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,18 @@ def gpu(test):
 
 
 quick = pytest.mark.gpu_quick
+
+
+def require_or_skip(reason: str) -> None:
+    """For a test that cannot run because a kernel toolchain is missing here (Triton, the
+    CUDA headers, nvcc): a skip on a developer's machine, a failure where
+    FASTGPT_REQUIRE_KERNELS=1 (CI, which has them all: there a missing one is a broken
+    environment, and skipping would quietly test less). Not for a missing GPU: GPU tests
+    skip everywhere without one."""
+    if os.environ.get("FASTGPT_REQUIRE_KERNELS") == "1":
+        pytest.fail(f"{reason} (FASTGPT_REQUIRE_KERNELS=1: this run must have every kernel "
+                    f"toolchain)", pytrace=False)
+    pytest.skip(reason)
 
 
 TINY = dict(context_length=16, d_model=32, num_heads=2, num_layers=2, dropout=0.1,
