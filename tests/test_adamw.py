@@ -131,12 +131,26 @@ def test_bad_inputs_are_clear_errors(cpu_build, mutate, message):
                   1e-3, 0.9, 0.999, 1e-8, 0.0, 1, args["grad_scale"])
 
 
-def test_fake_implementation_for_torch_compile(cpu_build):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        p = torch.zeros(3)
-        cpu_build([p], [p.clone()], [p.clone()], [p.clone()], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1,
-                  None)
+def test_torch_compile_traces_the_step_through_its_fake_and_updates_in_place(cpu_build):
+    """One graph (fullgraph: no break) traced with the op's fake, and the compiled call
+    updates params and both moments in place exactly as the eager call does (the same
+    kernel runs; a schema that did not declare the mutations would let the compiled graph
+    drop or misplace them)."""
+    def step(params, grads, exp_avgs, exp_avg_sqs):
+        cpu_build(params, grads, exp_avgs, exp_avg_sqs, 1e-2, 0.9, 0.999, 1e-8, 0.1, 3, None)
+
+    gen = torch.Generator().manual_seed(0)
+    start = [[torch.randn(n, generator=gen) for n in (5, 1000)] for _ in range(4)]
+    start[3] = [t.abs() for t in start[3]]  # exp_avg_sq >= 0
+    eager, compiled = ([[t.clone() for t in ts] for ts in start] for _ in range(2))
+    step(*eager)
+    torch._dynamo.reset()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    for name, e, c, s in zip(("params", "grads", "exp_avgs", "exp_avg_sqs"), eager, compiled,
+                             start):
+        for a, b, before in zip(e, c, s):
+            assert torch.equal(a, b), name
+            assert torch.equal(a, before) == (name == "grads"), name  # grads only read
 
 
 def cuda_tool(name: str) -> str:

@@ -63,10 +63,21 @@ def test_prepare_train_sample_end_to_end(tmp_path, corpus_file):
     assert "done at step 3" in result.stdout + result.stderr
     result = subprocess.run([sys.executable, "-m", "fastgpt", "sample", "--run", "tiny",
                              "--runs_dir", str(runs), "--prompt", "import ",
-                             "--max_new_tokens", "10"], capture_output=True, text=True,
-                            timeout=120)
+                             "--max_new_tokens", "10", "--seed", "7", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("import ")
+    # the text the command printed is the one its checkpoint gives for that prompt, length
+    # and seed (best.pt, which --run prefers), and the seed mattered
+    from fastgpt.sample import sample_from_checkpoint
+    best = runs / "tiny" / "best.pt"
+    assert best.exists()
+    (text,) = sample_from_checkpoint(str(best), prompt="import ", max_new_tokens=10, seed=7,
+                                     device="cpu")
+    assert text.startswith("import ") and len(text) > len("import ")
+    assert result.stdout == text + "\n"
+    assert sample_from_checkpoint(str(best), prompt="import ", max_new_tokens=10, seed=8,
+                                  device="cpu") != [text]
+    assert "10 new tokens in" in result.stderr
 
 
 @pytest.mark.parametrize("argv, fragments", [

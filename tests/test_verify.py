@@ -1,14 +1,25 @@
-"""`fastgpt verify`: passes here, and fails loudly when a kernel is wrong."""
+"""`fastgpt verify`: passes here, and fails loudly when a kernel is wrong.
+
+On a CPU it verifies the Triton cross-entropy (through the interpreter) and the AdamW step's
+arithmetic (the extension's CPU build, which every test here loads: verify's AdamW rows
+used to run only when an earlier test had happened to load it)."""
 
 import pytest
 import torch
 
 from fastgpt import ops
 from fastgpt.cli import main
+from helpers import require_or_skip
 
-pytestmark = pytest.mark.skipif(
-    not ops.available()["cross_entropy"][0],
-    reason=f"no fused kernel can run here: {ops.available()['cross_entropy'][1]}")
+
+@pytest.fixture(autouse=True)
+def kernels(request):
+    ok, why = ops.status("cross_entropy")
+    if not ok:
+        require_or_skip(f"the fused cross_entropy cannot run here: {why}")
+    if not torch.cuda.is_available():
+        request.getfixturevalue("cpu_extension")
+    assert ops.status("adamw")[0], ops.status("adamw")[1]
 
 
 def test_verify_passes_and_prints_the_table(capsys):
@@ -19,6 +30,9 @@ def test_verify_passes_and_prints_the_table(capsys):
         for reduction in ("mean", "sum", "none"):
             assert any(line.startswith(f"ce grad ({reduction}") and f" {dtype} " in line
                        and line.endswith("PASS") for line in lines), (dtype, reduction)
+    for dtype in ("float32", "bfloat16"):
+        assert any(line.startswith("adamw params after 5") and f" {dtype} " in line
+                   and line.endswith("PASS") for line in lines), dtype
     assert "train step grads" in out and "params after 3 steps" in out
     assert "FAIL" not in out and " 0 failed" in out
 
