@@ -52,23 +52,27 @@ def cpu_extension(tmp_path_factory):
 
 def build_on_cpu(name: str, tmp_path_factory):
     """tests/cuda_on_cpu/<name>.cpp: CUDA kernels from csrc/ compiled with g++ through
-    tests/cuda_on_cpu/cuda_on_cpu.h, as a Python module (once per session)."""
+    tests/cuda_on_cpu/cuda_on_cpu.h, as a Python module (once per session). -fsanitize=thread
+    makes g++ call racecheck's hooks at every load and store (no ThreadSanitizer runtime is
+    linked: tests/cuda_on_cpu/racecheck.h is that runtime)."""
     from torch.utils.cpp_extension import load
 
     here = Path(__file__).resolve().parent
     cuda_include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
     if not (cuda_include / "cuda_bf16.h").exists():
-        pytest.skip(f"needs the CUDA headers (cuda_bf16.h) under {cuda_include}")
+        from helpers import require_or_skip
+        require_or_skip(f"needs the CUDA headers (cuda_bf16.h) under {cuda_include}")
     return load(name=name, sources=[str(here / "cuda_on_cpu" / f"{name}.cpp")],
                 extra_include_paths=[str(here.parent / "csrc"), str(cuda_include)],
-                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
+                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-fsanitize=thread",
+                              "--param=tsan-instrument-func-entry-exit=0"],
                 build_directory=str(tmp_path_factory.mktemp(name)))
 
 
 @pytest.fixture(scope="session")
 def kernels_on_cpu(tmp_path_factory):
-    """csrc/attention.cuh's kernels run on the CPU (tests/cuda_on_cpu/attention_on_cpu.cpp)."""
-    return build_on_cpu("attention_on_cpu", tmp_path_factory)
+    """csrc/'s CUDA kernels run on the CPU under racecheck (tests/cuda_on_cpu/kernels_on_cpu.cpp)."""
+    return build_on_cpu("kernels_on_cpu", tmp_path_factory)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,21 +1,29 @@
-// CUDA on the CPU, just enough of it to run csrc/attention.cuh's kernels unchanged: so that CI,
-// which has no GPU, executes the very index arithmetic, tiling, synchronisation and WMMA
-// data flow that the GPU runs, against the tiled Python twin and the explicit reference.
+// CUDA on the CPU, just enough of it to run csrc/'s kernels (attention.cuh, adamw.cuh)
+// unchanged: so that CI, which has no GPU, executes the very index arithmetic, tiling,
+// synchronisation and WMMA data flow that the GPU runs, against the tiled Python twin, the
+// explicit reference and torch.optim.AdamW.
 //
 // Model: blocks run one after another; a block's threads are fibers (ucontext) on one OS
-// thread, each running until it waits at a barrier, so the interleaving is deterministic and
-// a barrier that not every thread reaches (a divergent __syncthreads or warp collective) is
-// reported as a deadlock instead of hanging. __shared__ variables become statics (one block
-// at a time owns them); the dynamic shared memory is filled with 0xFF bytes (NaN in fp32,
-// bf16 and fp16) before each block, so a read of shared memory nothing wrote shows up.
+// thread, each running until it waits at a barrier, so a barrier that not every thread
+// reaches (a divergent __syncthreads or warp collective) is reported as a deadlock instead
+// of hanging. The order is a Schedule: blocks forward, reversed or shuffled, and within a
+// block the fibers resumed in ascending order, or in an order rotated or reshuffled after
+// every barrier (seeded), so that a result that depends on the order shows. Shared memory
+// (the dynamic buffer, and the static __shared__ arrays, which live in one linker section) is
+// filled with 0xFF bytes (NaN in fp32, bf16 and fp16) before each block, so a read of shared
+// memory nothing wrote shows up. Racecheck (racecheck.h) watches every access of shared
+// memory and of the global buffers a test names, and reports two threads touching a byte
+// with no barrier between them, as compute-sanitizer's racecheck does on a GPU.
 // Warp collectives: __shfl_*_sync and __syncwarp wait for the warp's 32 lanes; a WMMA
 // fragment holds the whole 16x16 tile in every lane (the kernels never index fragments), its
-// loads wait for the warp, and lane 0 alone stores it, without a trailing wait: a lane that
-// reads another lane's part of a stored tile without __syncwarp reads stale data, as on a GPU.
+// loads wait for the warp, and each lane stores the elements a GPU lane holds (mma.sync's
+// layout), without a trailing wait: a lane that reads another lane's part of a stored tile
+// without __syncwarp may read stale data, as on a GPU.
 // Tensor-core products are fp32 sums of the 16-bit inputs' exact products.
 //
-// Not modelled: the memory model beyond this schedule (racecheck on a GPU covers it), bank
-// conflicts, timing. Include this before the kernels; compile with -std=c++20.
+// Not modelled: the memory model beyond barrier epochs (no reordering of one thread's own
+// accesses, no visibility delays), bank conflicts, timing. Include this before the kernels;
+// compile with -std=c++20 -fsanitize=thread (racecheck's access hooks; see racecheck.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,12 +31,16 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include "racecheck.h"
+
 #include <ucontext.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -46,16 +58,46 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one block at a time: a static is its shared memory
+// one block at a time: a static is its shared memory; all of them in one section, so that
+// racecheck and the 0xFF fill know where they are
+#define __shared__ static __attribute__((section("cuda_on_cpu_shared")))
 #define FASTGPT_DYNAMIC_SHARED(name) unsigned char* name = cuda_on_cpu::dynamic_shared_memory()
 
 inline uint3 threadIdx, blockIdx;  // the running fiber's, set by the scheduler
 inline dim3 blockDim, gridDim;
 
+// The static __shared__ arrays' section (the linker defines these; weak: a module may have none).
+extern "C" __attribute__((weak)) unsigned char __start_cuda_on_cpu_shared[];
+extern "C" __attribute__((weak)) unsigned char __stop_cuda_on_cpu_shared[];
+
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }  // CUDA's device min / max
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
+
 namespace cuda_on_cpu {
 
 constexpr int kWarpSize = 32;
+
+// The emulator's own code that runs in a kernel thread (barriers, shuffles): not watched by
+// racecheck (noipa: neither inlined into watched code nor cloned, which would drop the mark).
+#define CUDA_ON_CPU_INTERNAL __attribute__((noipa, no_sanitize("thread")))
 constexpr size_t kStackBytes = 256 * 1024;  // a fiber's stack: the kernels' arrays fit easily
+
+// The order the scheduler runs blocks, and a block's fibers, in.
+enum class Order { forward, reversed, shuffled };
+struct Schedule {
+  Order order = Order::forward;
+  uint64_t seed = 0;
+};
+inline Schedule schedule;  // what launch() uses; the test modules set it per call
+
+inline Order order_named(const std::string& name) {
+  if (name == "forward") return Order::forward;
+  if (name == "reversed") return Order::reversed;
+  if (name == "shuffled") return Order::shuffled;
+  throw std::invalid_argument("schedule must be forward, reversed or shuffled, not " + name);
+}
 
 struct Barrier {
   int expected = 0, arrived = 0;
@@ -68,17 +110,25 @@ struct Fiber {
   Barrier* waiting_on = nullptr;  // with the generation it waits to end
   uint64_t waiting_generation = 0;
   bool done = false;
+  racecheck::Who who;  // its launch-wide id and the barriers it passed
 };
 
 // One block's fibers and their scheduler.
 class Block {
  public:
-  Block(int threads, size_t shared_bytes)
+  // `dynamic_shared` is 128-byte aligned, 0xFF-filled and watched by racecheck by the caller.
+  Block(int threads, unsigned char* dynamic_shared, uint32_t block_linear, Schedule order)
       : fibers_(threads), block_barrier_{threads, 0, 0}, warp_barriers_((threads + 31) / 32),
-        shuffle_slots_((threads + 31) / 32), shared_(shared_bytes + 128) {
+        shuffle_slots_((threads + 31) / 32), shared_(dynamic_shared), order_(threads),
+        schedule_(order), random_(order.seed * 1000003u + block_linear) {
     if (threads % kWarpSize != 0) throw std::runtime_error("block size must be whole warps");
     for (Barrier& b : warp_barriers_) b.expected = kWarpSize;
-    std::memset(shared_.data(), 0xFF, shared_.size());
+    for (int t = 0; t < threads; ++t) {
+      fibers_[t].who.thread = block_linear * static_cast<uint32_t>(threads) + t;
+    }
+    std::iota(order_.begin(), order_.end(), 0);
+    if (schedule_.order == Order::reversed) std::reverse(order_.begin(), order_.end());
+    if (schedule_.order == Order::shuffled) std::shuffle(order_.begin(), order_.end(), random_);
   }
 
   // Runs kernel() in every thread of the block (blockIdx set by the caller); throws on a
@@ -97,38 +147,52 @@ class Block {
       makecontext(&f.context, &Block::fiber_main, 0);
     }
     current_block() = this;
-    int ran = 0;
+    position_ = static_cast<int>(order_.size()) - 1;
     while (error_.empty()) {
-      const int next = next_runnable(current_);
+      const int next = next_runnable();
       if (next < 0) {
         if (!all_done()) error_ = deadlock_report();
         break;
       }
       current_ = next;
       threadIdx = make_uint3(static_cast<unsigned>(current_), 0, 0);
+      racecheck::State& watch = racecheck::state();
+      watch.who = &fibers_[current_].who;
+      watch.stack_begin = reinterpret_cast<uintptr_t>(fibers_[current_].stack.get());
+      watch.stack_size = kStackBytes;
       swapcontext(&scheduler_, &fibers_[current_].context);
-      ++ran;
+      watch.who = nullptr;
     }
     current_block() = nullptr;
     if (!error_.empty()) throw std::runtime_error(error_);
   }
 
-  void sync_threads() { wait(block_barrier_); }
-  void sync_warp() { wait(warp_barriers_[current_ / kWarpSize]); }
+  // __syncthreads and __syncwarp: barriers that also order memory (a new racecheck epoch).
+  CUDA_ON_CPU_INTERNAL void sync_threads() {
+    wait(block_barrier_);
+    ++fibers_[current_].who.block_epoch;
+  }
+  CUDA_ON_CPU_INTERNAL void sync_warp() {
+    wait_for_warp();
+    ++fibers_[current_].who.warp_epoch;
+  }
+  // A warp collective that exchanges values (shuffles, WMMA): waits for the warp, orders no
+  // memory.
+  CUDA_ON_CPU_INTERNAL void wait_for_warp() { wait(warp_barriers_[current_ / kWarpSize]); }
 
   // Every lane offers `value`; returns lane `source`'s. Two slot sets alternate, so a lane
   // that runs ahead to the next shuffle cannot overwrite a value still to be read.
-  float shuffle(float value, int source) {
+  CUDA_ON_CPU_INTERNAL float shuffle(float value, int source) {
     auto& slots = shuffle_slots_[current_ / kWarpSize];
     const int lane = current_ % kWarpSize;
     const int set = slots.calls[lane]++ % 2;
     slots.values[set][lane] = value;
-    sync_warp();
+    wait_for_warp();
     return slots.values[set][source % kWarpSize];
   }
 
-  int lane() const { return current_ % kWarpSize; }
-  unsigned char* shared() { return shared_.data(); }
+  CUDA_ON_CPU_INTERNAL int lane() const { return current_ % kWarpSize; }
+  unsigned char* shared() { return shared_; }
   static Block*& current_block() {
     static Block* block = nullptr;
     return block;
@@ -151,10 +215,11 @@ class Block {
     // returning resumes uc_link, the scheduler
   }
 
-  void wait(Barrier& barrier) {
+  CUDA_ON_CPU_INTERNAL void wait(Barrier& barrier) {
     if (++barrier.arrived == barrier.expected) {
       barrier.arrived = 0;
       ++barrier.generation;  // releases the others; this fiber runs on
+      reorder();
       return;
     }
     Fiber& self = fibers_[current_];
@@ -164,21 +229,31 @@ class Block {
     if (!error_.empty()) throw std::runtime_error("aborted");  // unwinds this fiber
   }
 
-  bool runnable(const Fiber& f) const {
+  CUDA_ON_CPU_INTERNAL bool runnable(const Fiber& f) const {
     if (f.done) return false;
     return f.waiting_on == nullptr || f.waiting_on->generation != f.waiting_generation;
   }
 
-  int next_runnable(int after) {
-    const int n = static_cast<int>(fibers_.size());
+  // The next runnable fiber after the current one in order_, cyclically.
+  CUDA_ON_CPU_INTERNAL int next_runnable() {
+    const int n = static_cast<int>(order_.size());
     for (int i = 1; i <= n; ++i) {
-      const int t = (after + i) % n;
+      const int at = (position_ + i) % n;
+      const int t = order_[at];
       if (runnable(fibers_[t])) {
         fibers_[t].waiting_on = nullptr;
+        position_ = at;
         return t;
       }
     }
     return -1;
+  }
+
+  // After a barrier released its waiters: the schedule's next order, scanned from its start.
+  CUDA_ON_CPU_INTERNAL void reorder() {
+    if (schedule_.order == Order::reversed) std::rotate(order_.begin(), order_.begin() + 1, order_.end());
+    if (schedule_.order == Order::shuffled) std::shuffle(order_.begin(), order_.end(), random_);
+    position_ = static_cast<int>(order_.size()) - 1;
   }
 
   bool all_done() const {
@@ -206,7 +281,11 @@ class Block {
   Barrier block_barrier_;
   std::vector<Barrier> warp_barriers_;
   std::vector<ShuffleSlots> shuffle_slots_;
-  std::vector<unsigned char> shared_;
+  unsigned char* shared_;
+  std::vector<int> order_;  // the fibers in the order they are resumed
+  int position_ = 0;        // the current fiber's place in order_
+  Schedule schedule_;
+  std::mt19937_64 random_;
   ucontext_t scheduler_;
   int current_ = -1;
   std::string error_;
@@ -214,26 +293,43 @@ class Block {
   void* body_arg_ = nullptr;
 };
 
-inline unsigned char* dynamic_shared_memory() {
-  // 128-byte aligned, as the kernels declare it
-  const auto address = reinterpret_cast<uintptr_t>(Block::current_block()->shared());
-  return reinterpret_cast<unsigned char*>((address + 127) / 128 * 128);
-}
+inline unsigned char* dynamic_shared_memory() { return Block::current_block()->shared(); }
 
-// kernel<<<grid, threads, shared_bytes>>>(args...), block by block.
+// kernel<<<grid, threads, shared_bytes>>>(args...), block by block in the order `schedule`
+// says. Racecheck's findings stay for the caller (racecheck::take_report), which can name the
+// buffers.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {
   gridDim = grid;
   blockDim = dim3(threads);
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = make_uint3(x, y, z);
-        Block block(threads, static_cast<size_t>(shared_bytes));
-        auto body = [&] { kernel(args...); };
-        block.run(body);
-      }
-    }
+  const unsigned grid_sizes[3] = {grid.x, grid.y, grid.z};
+  racecheck::begin_launch(reinterpret_cast<const void*>(kernel), threads, grid_sizes);
+  // dynamic shared memory, 128-byte aligned as the kernels declare it, and the statics
+  std::vector<unsigned char> dynamic(static_cast<size_t>(shared_bytes) + 128);
+  unsigned char* shared = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(dynamic.data()) + 127) / 128 * 128);
+  const size_t static_bytes = __stop_cuda_on_cpu_shared - __start_cuda_on_cpu_shared;
+  racecheck::watch(shared, shared_bytes, "dynamic shared memory", true);
+  racecheck::watch(__start_cuda_on_cpu_shared, static_bytes, "static shared memory", true);
+  struct Unwatch {
+    const void *a, *b;
+    ~Unwatch() { racecheck::unwatch(a); racecheck::unwatch(b); }
+  } unwatch{shared, __start_cuda_on_cpu_shared};
+
+  std::vector<uint32_t> blocks(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  std::iota(blocks.begin(), blocks.end(), 0u);
+  if (schedule.order == Order::reversed) std::reverse(blocks.begin(), blocks.end());
+  if (schedule.order == Order::shuffled) {
+    std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(schedule.seed));
+  }
+  for (const uint32_t b : blocks) {
+    blockIdx = make_uint3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+    std::memset(shared, 0xFF, static_cast<size_t>(shared_bytes));
+    if (static_bytes > 0) std::memset(__start_cuda_on_cpu_shared, 0xFF, static_bytes);
+    racecheck::begin_block();
+    Block block(threads, shared, b, schedule);
+    auto body = [&] { kernel(args...); };
+    block.run(body);
   }
 }
 
@@ -286,38 +382,76 @@ struct fragment {
   T x[256];
 };
 
+}  // namespace nvcuda::wmma
+
+namespace cuda_on_cpu {
+
+// The lane that holds element (i, j) of a tile (matrix_a, accumulator: row i, column j;
+// matrix_b: k = i, column j) on a GPU, after mma.sync m16n8k16's fragment layouts (WMMA's are
+// opaque; these are what sm_80/sm_90 use): lane 4 * (row % 8) + (k or column % 8) / 2.
+// Racecheck sees a lane load and store only the elements it holds.
+template <typename Use>
+int fragment_lane(int i, int j) {
+  if constexpr (std::is_same_v<Use, nvcuda::wmma::matrix_b>) return 4 * (j % 8) + (i % 8) / 2;
+  else return 4 * (i % 8) + (j % 8) / 2;
+}
+
+// A load that racecheck does not see.
+template <typename T>
+CUDA_ON_CPU_INTERNAL T unwatched_load(const T* p) {
+  return *p;
+}
+
+// Every lane gets the whole tile (element (i, j) at element_at(i, j)); racecheck sees the
+// lane read only the elements it would hold on a GPU (told explicitly: a conditional plain
+// load would be hoisted by the compiler, and seen for every element).
+template <typename Use, typename T, typename Source, typename At>
+CUDA_ON_CPU_INTERNAL void load_tile(T (&x)[256], const Source* p, At element_at) {
+  Block::current_block()->wait_for_warp();  // a warp collective
+  const int lane = Block::current_block()->lane();
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      const Source* at = p + element_at(i, j);
+      x[i * 16 + j] = unwatched_load(at);
+      if (fragment_lane<Use>(i, j) == lane) racecheck::access(at, sizeof(Source), false);
+    }
+  }
+}
+
+}  // namespace cuda_on_cpu
+
+namespace nvcuda::wmma {
+
 template <typename Use, typename T, typename Layout>
-void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+CUDA_ON_CPU_INTERNAL void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
   for (T& e : f.x) e = static_cast<T>(value);
 }
 
 // matrix_a / matrix_b: element (i, j) at p[i * ld + j] (row_major) or p[j * ld + i].
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
-  __syncwarp();  // a warp collective: every lane's earlier writes are in
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      f.x[i * 16 + j] = std::is_same_v<Layout, row_major> ? p[i * ld + j] : p[j * ld + i];
-    }
-  }
+  cuda_on_cpu::load_tile<Use>(f.x, p, [ld](int i, int j) {
+    return std::is_same_v<Layout, row_major> ? i * ld + j : j * ld + i;
+  });
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ld, layout_t layout) {
-  __syncwarp();
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      f.x[i * 16 + j] = layout == mem_row_major ? p[i * ld + j] : p[j * ld + i];
-    }
-  }
+  cuda_on_cpu::load_tile<accumulator>(f.x, p, [ld, layout](int i, int j) {
+    return layout == mem_row_major ? i * ld + j : j * ld + i;
+  });
 }
 
+// Each lane stores the elements it holds on a GPU (every lane holds the same tile here), with
+// no trailing wait: a lane that reads another lane's part of a stored tile without a
+// __syncwarp may read stale data, as on a GPU, and racecheck reports it.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ld, layout_t layout) {
-  __syncwarp();
-  if (cuda_on_cpu::Block::current_block()->lane() != 0) return;
+  cuda_on_cpu::Block::current_block()->wait_for_warp();  // a warp collective
+  const int lane = cuda_on_cpu::Block::current_block()->lane();
   for (int i = 0; i < 16; ++i) {
     for (int j = 0; j < 16; ++j) {
+      if (cuda_on_cpu::fragment_lane<accumulator>(i, j) != lane) continue;
       (layout == mem_row_major ? p[i * ld + j] : p[j * ld + i]) = f.x[i * 16 + j];
     }
   }
@@ -325,7 +459,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 
 // d = a b + c, fp32 sums of exact products (d may be c).
 template <typename T, typename LayoutA, typename LayoutB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+CUDA_ON_CPU_INTERNAL void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
               const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
               const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
               const fragment<accumulator, 16, 16, 16, float>& c) {

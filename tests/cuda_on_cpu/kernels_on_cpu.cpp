@@ -1,115 +1,73 @@
-// csrc/attention.cuh compiled for the CPU (through cuda_on_cpu.h) as a Python module: the
-// kernels and their dispatch (attention_forward_launches / attention_backward_launches) exactly
-// as attention.cu runs them on a GPU, with CPU tensors. tests/test_attention.py builds it.
+// csrc/'s CUDA kernels compiled for the CPU (through cuda_on_cpu.h) as a Python module: the
+// attention kernels and their dispatch (attention_forward_launches /
+// attention_backward_launches) and the AdamW kernel and its (adamw_step_launches), exactly as
+// the GPU build runs them, with CPU tensors; and the emulator's own tests (red zones, planted
+// races). tests/conftest.py builds it (kernels_on_cpu); tests/test_cuda_on_cpu.py and
+// tests/test_attention.py use it.
 //
-// Every input sits in a larger buffer whose elements past its end are NaN: a kernel that reads
-// past an input's end (and uses what it read) turns its results into NaN. Every buffer the
-// dispatch allocates (the outputs, dQ's accumulator) comes with red zones, canary bytes before
-// and after it: a kernel that writes outside one changes them, and the call fails.
+// Every call runs under racecheck (racecheck.h) in the schedule it names, and fails with the
+// hazards found. Inputs are copied into buffers whose bytes past the end are NaN (a kernel
+// that reads past an input's end and uses it turns its results into NaN) and watched as read
+// only (a write to an input fails the call); every buffer allocated during the call has red
+// zones (red_zones.h), so a write outside one fails the call too.
 #include "cuda_on_cpu.h"
 
+#include "adamw.cuh"
 #include "attention.cuh"
+#include "red_zones.h"
 
-#include <c10/core/CPUAllocator.h>
 #include <torch/extension.h>
 
-#include <cstdlib>
+#include <cmath>
 #include <map>
-#include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-// --- red zones around the buffers the dispatch allocates --------------------------------------
+using cuda_on_cpu::RedZoneScope;
+namespace racecheck = cuda_on_cpu::racecheck;
 
-constexpr size_t kRedZone = 64 * 1024;  // each side: more than a whole 64 x 128 fp32 tile
-constexpr unsigned char kCanary = 0xA5;
-
-// The CPU allocator while a RedZoneScope is open: each buffer sits between two red zones. A
-// changed red zone is reported when the buffer is freed, or checked for by check_red_zones().
-class RedZoneAllocator final : public c10::Allocator {
+// One call's settings: the schedule, racecheck on, nothing left from an earlier call.
+class CallScope {
  public:
-  c10::DataPtr allocate(size_t nbytes) override {
-    const size_t total = (2 * kRedZone + nbytes + 63) / 64 * 64;
-    auto* base = static_cast<unsigned char*>(std::aligned_alloc(64, total));
-    TORCH_CHECK(base != nullptr, "RedZoneAllocator: out of memory for ", nbytes, " bytes");
-    std::memset(base, kCanary, kRedZone);
-    std::memset(base + kRedZone + nbytes, kCanary, total - kRedZone - nbytes);
-    {
-      std::lock_guard<std::mutex> lock(mutex());
-      sizes()[base] = nbytes;
-    }
-    return {base + kRedZone, base, &release, c10::Device(c10::DeviceType::CPU)};
+  CallScope(const std::string& schedule, int64_t seed, bool check_races = true) {
+    cuda_on_cpu::schedule = {cuda_on_cpu::order_named(schedule), static_cast<uint64_t>(seed)};
+    racecheck::take_report();
+    racecheck::state().enabled = check_races;
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
+  ~CallScope() {
+    cuda_on_cpu::schedule = {};
+    racecheck::state().enabled = true;
+    racecheck::take_report();
   }
-
-  // What was found wrong since the last call (and in the live buffers now); clears it.
-  static std::string take_violations() {
-    std::lock_guard<std::mutex> lock(mutex());
-    for (const auto& [base, nbytes] : sizes()) record_if_changed(base, nbytes);
-    std::string found;
-    for (const std::string& v : violations()) found += (found.empty() ? "" : "; ") + v;
-    violations().clear();
-    return found;
-  }
-
- private:
-  static void release(void* context) {
-    auto* base = static_cast<unsigned char*>(context);
-    {
-      std::lock_guard<std::mutex> lock(mutex());
-      record_if_changed(base, sizes().at(base));
-      sizes().erase(base);
-    }
-    std::free(base);
-  }
-  static void record_if_changed(const unsigned char* base, size_t nbytes) {
-    const unsigned char* data = base + kRedZone;
-    for (int64_t i = -static_cast<int64_t>(kRedZone); i < static_cast<int64_t>(kRedZone); ++i) {
-      const int64_t at = i < 0 ? i : static_cast<int64_t>(nbytes) + i;
-      if (data[at] != kCanary) {
-        violations().push_back("a kernel wrote outside a " + std::to_string(nbytes) +
-                               "-byte buffer, at byte " + std::to_string(at) + " of it");
-        return;  // the first changed byte is enough
-      }
-    }
-  }
-  static std::mutex& mutex() { static std::mutex m; return m; }
-  static std::map<const unsigned char*, size_t>& sizes() {
-    static std::map<const unsigned char*, size_t> s;
-    return s;
-  }
-  static std::vector<std::string>& violations() {
-    static std::vector<std::string> v;
-    return v;
+  // Fails with racecheck's report, buffers named from `names` (data pointer -> name).
+  void check_races(const std::map<const void*, std::string>& names) const {
+    const std::string report = racecheck::take_report([&](uintptr_t address) {
+      const auto at = names.find(reinterpret_cast<const void*>(address));
+      return at == names.end() ? std::string() : at->second;
+    });
+    TORCH_CHECK(report.empty(), report.substr(0, report.size() - 1));
   }
 };
 
-RedZoneAllocator red_zone_allocator;
-
-// CPU tensors allocated while it is open get red zones; closing it restores the allocator.
-class RedZoneScope {
+// A region that racecheck watches while this lives.
+class Watched {
  public:
-  RedZoneScope() : previous_(c10::GetCPUAllocator()) {
-    c10::SetCPUAllocator(&red_zone_allocator);
-    TORCH_CHECK(c10::GetCPUAllocator() == &red_zone_allocator,
-                "could not install the red-zone CPU allocator (one of higher priority is set)");
-    RedZoneAllocator::take_violations();  // start clean
+  Watched(const at::Tensor& t, std::string name, bool read_only)
+      : begin_(t.nbytes() > 0 ? t.data_ptr() : nullptr) {
+    if (begin_ != nullptr) racecheck::watch(begin_, t.nbytes(), std::move(name), false, read_only);
   }
-  ~RedZoneScope() { c10::SetCPUAllocator(previous_); }
-  // Fails, naming what was written where, if a red zone changed since the scope opened.
-  void check() const {
-    const std::string found = RedZoneAllocator::take_violations();
-    TORCH_CHECK(found.empty(), found);
+  ~Watched() {
+    if (begin_ != nullptr) racecheck::unwatch(begin_);
   }
+  Watched(const Watched&) = delete;
+  Watched& operator=(const Watched&) = delete;
 
  private:
-  c10::Allocator* previous_;
+  const void* begin_;
 };
 
 constexpr int64_t kGuard = 4096;  // NaN elements past each input's end
@@ -123,7 +81,7 @@ at::Tensor guarded_copy(const at::Tensor& t) {
   return view;
 }
 
-// The launcher given to attention.cuh: runs each kernel on the CPU and counts the launches.
+// The launcher given to the kernels' dispatch: runs each kernel on the CPU and counts.
 struct CpuLaunch {
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
@@ -134,39 +92,133 @@ struct CpuLaunch {
   mutable int launches = 0;
 };
 
-std::tuple<at::Tensor, at::Tensor, int> forward(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, double scale,
-                                                double dropout_p, int64_t seed, int64_t offset) {
+// --- attention ---------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, int> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    double dropout_p, int64_t seed, int64_t offset, const std::string& schedule,
+    int64_t schedule_seed, bool check_races) {
+  CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
   const at::Tensor q_in = guarded_copy(q), k_in = guarded_copy(k), v_in = guarded_copy(v);
+  const Watched watch_q(q_in, "q", true), watch_k(k_in, "k", true), watch_v(v_in, "v", true);
   RedZoneScope red_zones;
   auto [out, lse] = fastgpt::attention_forward_launches(launch, q_in, k_in, v_in, scale,
                                                         dropout_p, seed, offset);
   red_zones.check();
+  call.check_races({{out.data_ptr(), "out"}, {lse.data_ptr(), "lse"}});
   return {out, lse, launch.launches};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, int> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int> attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& grad_out, double scale, double dropout_p,
-    int64_t seed, int64_t offset, bool deterministic) {
+    int64_t seed, int64_t offset, bool deterministic, const std::string& schedule,
+    int64_t schedule_seed, bool check_races) {
+  CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
   const at::Tensor q_in = guarded_copy(q), k_in = guarded_copy(k), v_in = guarded_copy(v);
   const at::Tensor out_in = guarded_copy(out), lse_in = guarded_copy(lse);
   const at::Tensor grad_out_in = guarded_copy(grad_out);
+  const Watched watch_q(q_in, "q", true), watch_k(k_in, "k", true), watch_v(v_in, "v", true),
+      watch_out(out_in, "out", true), watch_lse(lse_in, "lse", true),
+      watch_grad(grad_out_in, "grad_out", true);
   RedZoneScope red_zones;
   auto [dq, dk, dv] = fastgpt::attention_backward_launches(
       launch, q_in, k_in, v_in, out_in, lse_in, grad_out_in, scale, dropout_p, seed, offset,
       deterministic);
   red_zones.check();
+  call.check_races({{dq.data_ptr(), "dq"}, {dk.data_ptr(), "dk"}, {dv.data_ptr(), "dv"}});
   return {dq, dk, dv, launch.launches};
 }
 
-// The red zones' own test: a one-thread kernel writes out[index] of an n-element buffer
-// allocated inside the scope.
+// --- AdamW ---------------------------------------------------------------------------------------
+
+// A copy of t in a NaN-filled buffer allocated in the caller's RedZoneScope, at the same
+// address modulo 16 as t (so the kernel takes the same vector or scalar path), with the
+// buffer's bytes outside the copy watched as read only (a write there fails the call).
+struct GuardedTensor {
+  at::Tensor view;
+  std::vector<std::unique_ptr<Watched>> watched;
+};
+
+GuardedTensor guarded_like(const at::Tensor& t, const std::string& name, bool read_only) {
+  const int64_t elem = t.element_size();
+  const int64_t pad = 16 / elem;  // room to match t's alignment
+  at::Tensor buffer = at::full({t.numel() + pad + kGuard}, NAN, t.options());
+  racecheck::unwatch(buffer.data_ptr());  // the red-zone allocator's watch: replaced by these
+  const int64_t misalignment = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
+  TORCH_CHECK(misalignment % elem == 0, name, " is not aligned to its element size");
+  const int64_t start = (misalignment - reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 16 + 16) % 16 / elem;
+  GuardedTensor g{buffer.narrow(0, start, t.numel()).view(t.sizes()), {}};
+  g.view.copy_(t);
+  g.watched.push_back(std::make_unique<Watched>(g.view, name, read_only));
+  if (start > 0) {
+    g.watched.push_back(std::make_unique<Watched>(buffer.narrow(0, 0, start),
+                                                  "the bytes before " + name, true));
+  }
+  g.watched.push_back(std::make_unique<Watched>(
+      buffer.narrow(0, start + t.numel(), buffer.numel() - start - t.numel()),
+      "the bytes past " + name, true));
+  return g;
+}
+
+// fastgpt::adamw_step's launches on the CPU; updates params, exp_avgs and exp_avg_sqs in
+// place and returns the number of kernel launches. check_races=false for sizes whose shadow
+// would not fit in memory (24 bytes per byte written).
+int adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+               std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+               double lr, double beta1, double beta2, double eps, double weight_decay,
+               int64_t step, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& step_tensor, const std::string& schedule,
+               int64_t schedule_seed, bool check_races) {
+  CallScope call(schedule, schedule_seed, check_races);
+  CpuLaunch launch;
+  std::vector<GuardedTensor> guarded;
+  std::vector<at::Tensor> p, g, m, v;
+  std::optional<GuardedTensor> scale, lr_in, step_in;
+  int launches = 0;
+  {
+    RedZoneScope red_zones;
+    for (size_t t = 0; t < params.size(); ++t) {
+      const std::string i = "[" + std::to_string(t) + "]";
+      guarded.push_back(guarded_like(params[t], "params" + i, false));
+      p.push_back(guarded.back().view);
+      guarded.push_back(guarded_like(grads[t], "grads" + i, true));
+      g.push_back(guarded.back().view);
+      guarded.push_back(guarded_like(exp_avgs[t], "exp_avgs" + i, false));
+      m.push_back(guarded.back().view);
+      guarded.push_back(guarded_like(exp_avg_sqs[t], "exp_avg_sqs" + i, false));
+      v.push_back(guarded.back().view);
+    }
+    if (grad_scale) scale = guarded_like(*grad_scale, "grad_scale", true);
+    if (lr_tensor) lr_in = guarded_like(*lr_tensor, "lr_tensor", true);
+    if (step_tensor) step_in = guarded_like(*step_tensor, "step_tensor", true);
+    const auto view = [](const std::optional<GuardedTensor>& x) {
+      return x ? std::optional<at::Tensor>(x->view) : std::nullopt;
+    };
+    launches = fastgpt::adamw_step_launches(launch, p, g, m, v, lr, beta1, beta2, eps,
+                                            weight_decay, step, view(scale), view(lr_in),
+                                            view(step_in));
+    call.check_races({});
+    red_zones.check();
+  }
+  for (size_t t = 0; t < params.size(); ++t) {
+    params[t].copy_(p[t]);
+    exp_avgs[t].copy_(m[t]);
+    exp_avg_sqs[t].copy_(v[t]);
+  }
+  return launches;
+}
+
+// --- the emulator's own tests ---------------------------------------------------------------------
+
+// The red zones: a one-thread kernel writes out[index] of an n-element buffer.
 __global__ void write_one_element(float* out, int64_t index) { out[index] = 1.0f; }
 
 at::Tensor write_one(int64_t n, int64_t index) {
+  CallScope call("forward", 0);
   RedZoneScope red_zones;
   at::Tensor out = at::zeros({n});
   cuda_on_cpu::launch(write_one_element, dim3(1), 32, 0, out.data_ptr<float>(), index);
@@ -174,11 +226,91 @@ at::Tensor write_one(int64_t n, int64_t index) {
   return out;
 }
 
+// Races planted for racecheck to find, each with its fixed twin. 64 threads: two warps.
+// Each thread writes its cell and reads another warp's: needs a __syncthreads between.
+__global__ void cells_across_warps(float* out, bool sync) {
+  __shared__ float cells[64];
+  cells[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (sync) __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = cells[(threadIdx.x + 32) % 64];
+}
+
+// Each lane writes its cell and reads its neighbour lane's: needs a __syncwarp between.
+__global__ void cells_across_lanes(float* out, bool sync) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  float* cells = reinterpret_cast<float*>(smem);
+  cells[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (sync) __syncwarp();
+  out[blockIdx.x * 64 + threadIdx.x] = cells[threadIdx.x ^ 1];
+}
+
+// Every block writes out[threadIdx.x]: a race unless each adds by atomicAdd.
+__global__ void write_across_blocks(float* out, bool atomic) {
+  if (atomic) {
+    atomicAdd(&out[threadIdx.x], 1.0f);
+  } else {
+    out[threadIdx.x] = 1.0f;
+  }
+}
+
+// Each thread writes its cell, then (after the barrier) one warp overwrites the other
+// warp's cells while that warp reads them: needs a second __syncthreads.
+__global__ void reuse_without_second_barrier(float* out, bool sync) {
+  __shared__ float cells[64];
+  cells[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = cells[63 - threadIdx.x];
+  if (sync) __syncthreads();
+  if (threadIdx.x < 32) cells[threadIdx.x + 32] = 0.0f;
+}
+
+at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
+                   const std::string& schedule, int64_t schedule_seed) {
+  CallScope call(schedule, schedule_seed);
+  at::Tensor out = at::zeros({blocks * 64});
+  const Watched watch_out(out, "out", false);
+  float* o = out.data_ptr<float>();
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (kernel == "cells_across_warps") {
+    cuda_on_cpu::launch(cells_across_warps, grid, 64, 0, o, fixed);
+  } else if (kernel == "cells_across_lanes") {
+    cuda_on_cpu::launch(cells_across_lanes, grid, 64, 64 * 4, o, fixed);
+  } else if (kernel == "write_across_blocks") {
+    cuda_on_cpu::launch(write_across_blocks, grid, 64, 0, o, fixed);
+  } else if (kernel == "reuse_without_second_barrier") {
+    cuda_on_cpu::launch(reuse_without_second_barrier, grid, 64, 0, o, fixed);
+  } else {
+    TORCH_CHECK(false, "no planted kernel ", kernel);
+  }
+  call.check_races({});
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "csrc/attention.cuh's CUDA kernels run on the CPU (tests only)";
-  m.def("forward", &forward, "(out, lse, kernel launches) of attention_forward_launches");
-  m.def("backward", &backward, "(dq, dk, dv, kernel launches) of attention_backward_launches");
+  namespace py = pybind11;
+  m.doc() = "csrc/'s CUDA kernels run on the CPU under racecheck (tests only)";
+  m.def("forward", &attention_forward,
+        "(out, lse, kernel launches) of attention_forward_launches", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"),
+        py::arg("schedule") = "forward", py::arg("schedule_seed") = 0,
+        py::arg("check_races") = true);
+  m.def("backward", &attention_backward,
+        "(dq, dk, dv, kernel launches) of attention_backward_launches", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"),
+        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"),
+        py::arg("deterministic"), py::arg("schedule") = "forward",
+        py::arg("schedule_seed") = 0, py::arg("check_races") = true);
+  m.def("adamw_step", &adamw_step, "kernel launches of adamw_step_launches (updates in place)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("step"), py::arg("grad_scale") = py::none(),
+        py::arg("lr_tensor") = py::none(), py::arg("step_tensor") = py::none(),
+        py::arg("schedule") = "forward", py::arg("schedule_seed") = 0,
+        py::arg("check_races") = true);
   m.def("write_one", &write_one, "a kernel writes element index of an n-element buffer");
+  m.def("planted", &planted, "runs a planted race (fixed=False) or its fixed twin",
+        py::arg("kernel"), py::arg("fixed"), py::arg("blocks") = 1,
+        py::arg("schedule") = "forward", py::arg("schedule_seed") = 0);
 }
