@@ -132,10 +132,14 @@ def test_bad_inputs_are_clear_errors(cpu_build, mutate, message):
 
 
 def test_torch_compile_traces_the_step_through_its_fake_and_updates_in_place(cpu_build):
-    """One graph (fullgraph: no break) traced with the op's fake, and the compiled call
-    updates params and both moments in place exactly as the eager call does (the same
-    kernel runs; a schema that did not declare the mutations would let the compiled graph
-    drop or misplace them)."""
+    """The schema declares what the op writes (params and both moments, not the grads: what
+    torch.compile's functionalization orders the graph by), the step traces into one graph
+    (fullgraph: no break) through the op's fake, and the compiled call updates the tensors
+    in place exactly as the eager call does."""
+    schema = torch.ops.fastgpt.adamw_step.default._schema
+    written = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
+    assert written == {"params", "exp_avgs", "exp_avg_sqs"}, schema
+
     def step(params, grads, exp_avgs, exp_avg_sqs):
         cpu_build(params, grads, exp_avgs, exp_avg_sqs, 1e-2, 0.9, 0.999, 1e-8, 0.1, 3, None)
 
