@@ -264,11 +264,19 @@ __global__ void reuse_without_second_barrier(float* out, bool sync) {
   if (threadIdx.x < 32) cells[threadIdx.x + 32] = 0.0f;
 }
 
+// Copies its input, and (unless fixed) clears it: a write to a buffer the kernel may only read.
+__global__ void clears_its_input(float* out, float* in, bool fixed) {
+  const int64_t i = blockIdx.x * 64 + threadIdx.x;
+  out[i] = in[i];
+  if (!fixed) in[i] = 0.0f;
+}
+
 at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
                    const std::string& schedule, int64_t schedule_seed) {
   CallScope call(schedule, schedule_seed);
   at::Tensor out = at::zeros({blocks * 64});
-  const Watched watch_out(out, "out", false);
+  at::Tensor in = at::arange(blocks * 64, out.options());
+  const Watched watch_out(out, "out", false), watch_in(in, "in", true);
   float* o = out.data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(blocks));
   if (kernel == "cells_across_warps") {
@@ -277,6 +285,8 @@ at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
     cuda_on_cpu::launch(cells_across_lanes, grid, 64, 64 * 4, o, fixed);
   } else if (kernel == "write_across_blocks") {
     cuda_on_cpu::launch(write_across_blocks, grid, 64, 0, o, fixed);
+  } else if (kernel == "clears_its_input") {
+    cuda_on_cpu::launch(clears_its_input, grid, 64, 0, o, in.data_ptr<float>(), fixed);
   } else if (kernel == "reuse_without_second_barrier") {
     cuda_on_cpu::launch(reuse_without_second_barrier, grid, 64, 0, o, fixed);
   } else {

@@ -1,0 +1,305 @@
+"""The CPU run of the CUDA kernels (tests/cuda_on_cpu/): its racecheck finds planted races and
+passes their fixed twins; the kernels give the same bits under every schedule (blocks
+forward, reversed, shuffled; fibers resumed in rotated or reshuffled order after each
+barrier), dQ by atomics within its stated bound; and csrc/adamw.cuh's kernel itself, with its
+multi-tensor bookkeeping, runs against torch.optim.AdamW and the CPU build.
+
+Tolerances: the AdamW kernel and the CPU build (csrc/adamw_cpu.cpp) run the same fp32
+arithmetic (csrc/adamw_math.h) compiled for the same CPU: bit for bit. Against
+torch.optim.AdamW, fp32: 1e-6 of each tensor's largest entry (tests/test_adamw.py's module
+docstring: the paths differ where a compiler fuses a multiply-add). Attention: the bounds of
+errors_against_fp64 (fastgpt/ops/cuda_attention.py states each one's reason)."""
+
+import pytest
+import torch
+
+from fastgpt.optim import AdamW
+
+SCHEDULES = [("forward", 0), ("reversed", 0), ("shuffled", 1), ("shuffled", 2)]
+SCHEDULE_IDS = [f"{order}{seed or ''}" for order, seed in SCHEDULES]
+
+
+# --- racecheck -----------------------------------------------------------------------------------
+
+# (planted kernel, what racecheck must say of it): each kernel misses one barrier (or atomic)
+PLANTED = {
+    # each thread writes its cell and reads the other warp's: a missing __syncthreads
+    "cells_across_warps": (r"racecheck: cells_across_warps: (read|write) by block \(\d, 0, 0\) "
+                           r"thread \d+ and (read|write) by block \(\d, 0, 0\) thread \d+ of "
+                           r"__shared__ cells_across_warps::cells at byte \d+"),
+    # each lane writes its cell and reads its neighbour lane's: a missing __syncwarp
+    "cells_across_lanes": (r"racecheck: cells_across_lanes: (read|write) by block \(\d, 0, 0\) "
+                           r"thread \d+ and (read|write) by block \(\d, 0, 0\) thread \d+ of "
+                           r"dynamic shared memory at byte \d+"),
+    # every block writes out[threadIdx.x]: a cross-block write (the fix: atomicAdd)
+    "write_across_blocks": (r"racecheck: write_across_blocks: write by block \(\d, 0, 0\) "
+                            r"thread (\d+) and write by block \(\d, 0, 0\) thread \1 of out at "
+                            r"byte \d+"),
+    # a warp overwrites cells the other still reads: the second __syncthreads is missing
+    "reuse_without_second_barrier": (r"racecheck: reuse_without_second_barrier: (read|write) by "
+                                     r"block \(\d, 0, 0\) thread \d+ and (read|write) by block "
+                                     r"\(\d, 0, 0\) thread \d+ of __shared__ "
+                                     r"reuse_without_second_barrier::cells at byte \d+"),
+    # clears the buffer it copies from: an input written
+    "clears_its_input": (r"racecheck: clears_its_input: write by block \(\d, 0, 0\) thread \d+ "
+                         r"to in at byte \d+, which the kernel may only read"),
+}
+
+
+def fixed_result(kernel: str, blocks: int) -> torch.Tensor:
+    """What the fixed twin of each planted kernel computes."""
+    t = torch.arange(64, dtype=torch.float32)
+    per_block = {"cells_across_warps": (t + 32) % 64, "cells_across_lanes": t.long() ^ 1,
+                 "reuse_without_second_barrier": 63 - t}
+    if kernel == "write_across_blocks":
+        return torch.cat([torch.full((64,), float(blocks)), torch.zeros(64 * (blocks - 1))])
+    if kernel == "clears_its_input":
+        return torch.arange(64 * blocks, dtype=torch.float32)
+    return per_block[kernel].float().repeat(blocks)
+
+
+@pytest.mark.parametrize("order, seed", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("kernel", sorted(PLANTED))
+def test_racecheck_reports_each_planted_race_and_passes_its_fix(kernels_on_cpu, kernel, order,
+                                                                seed):
+    with pytest.raises(RuntimeError, match=PLANTED[kernel]):
+        kernels_on_cpu.planted(kernel, False, 2, order, seed)
+    out = kernels_on_cpu.planted(kernel, True, 2, order, seed)
+    assert torch.equal(out, fixed_result(kernel, 2))
+
+
+def test_the_report_names_both_threads_and_the_byte(kernels_on_cpu):
+    # forward order: thread 0 writes cells[0] and reads cells[32] before thread 32 writes it
+    with pytest.raises(RuntimeError) as raised:
+        kernels_on_cpu.planted("cells_across_warps", False, 1)
+    first = str(raised.value).splitlines()[0]
+    assert first == ("racecheck: cells_across_warps: read by block (0, 0, 0) thread 0 and write "
+                     "by block (0, 0, 0) thread 32 of __shared__ cells_across_warps::cells at "
+                     "byte 128, with no barrier between them")
+
+
+def test_the_schedules_resume_the_fibers_in_other_orders(kernels_on_cpu):
+    # which thread of a racing pair comes first depends on the order the fibers run in
+    firsts = set()
+    for order, seed in SCHEDULES:
+        with pytest.raises(RuntimeError) as raised:
+            kernels_on_cpu.planted("cells_across_lanes", False, 1, order, seed)
+        firsts.add(str(raised.value).splitlines()[0])
+    assert len(firsts) == len(SCHEDULES), firsts
+
+
+def test_a_failed_call_leaves_nothing_for_the_next(kernels_on_cpu):
+    with pytest.raises(RuntimeError):
+        kernels_on_cpu.planted("cells_across_lanes", False, 1)
+    kernels_on_cpu.planted("cells_across_lanes", True, 1)  # no stale hazards reported
+    with pytest.raises(ValueError, match="schedule must be forward, reversed or shuffled"):
+        kernels_on_cpu.planted("cells_across_lanes", True, 1, "backward", 0)
+
+
+# --- attention under schedules -------------------------------------------------------------------
+
+# one case per kernel family and dtype, each with a last tile of one row (T = 65); fp16's
+# conversions run in software here (5x slower than bf16's), so its smallest head dim
+ATTENTION_CASES = [(torch.float32, 32, 65), (torch.bfloat16, 64, 65), (torch.float16, 32, 65)]
+
+
+@pytest.mark.parametrize("dtype, D, T", ATTENTION_CASES,
+                         ids=[f"{str(d)[6:]}-D{D}-T{T}" for d, D, T in ATTENTION_CASES])
+def test_attention_gives_the_same_bits_under_every_schedule(kernels_on_cpu, cpu_extension,
+                                                            dtype, D, T):
+    """out, lse, dk, dv and the deterministic dq: bit for bit in every schedule; dq by atomics
+    (its sums' order follows the blocks') within errors_against_fp64's bound in each."""
+    from fastgpt.ops.cuda_attention import errors_against_fp64
+
+    gen = torch.Generator().manual_seed(T + D)
+    q, k, v, g = (torch.randn(1, 2, T, D, generator=gen).to(dtype) for _ in range(4))
+    args = (D ** -0.5, 0.1, 7, 3)  # scale, dropout, seed, offset
+    runs = {}
+    for order, seed in SCHEDULES[:3]:
+        out, lse, _ = kernels_on_cpu.forward(q, k, v, *args, schedule=order, schedule_seed=seed)
+        exact = kernels_on_cpu.backward(q, k, v, out, lse, g, *args, True, schedule=order,
+                                        schedule_seed=seed)[:3]
+        atomic = kernels_on_cpu.backward(q, k, v, out, lse, g, *args, False, schedule=order,
+                                         schedule_seed=seed)[:3]
+        runs[order, seed] = (out, lse, *exact, *atomic)
+        errors = errors_against_fp64(q, k, v, g, args[0], args[1], seed=args[2],
+                                     offset=args[3], results=dict(out=out, lse=lse, dq=atomic[0],
+                                                                  dk=atomic[1], dv=atomic[2]))
+        assert errors["dq"].error <= errors["dq"].bound, (order, seed, errors["dq"])
+    first = runs[SCHEDULES[0]]
+    names = ("out", "lse", "dq", "dk", "dv", "dq (atomics)", "dk (atomics)", "dv (atomics)")
+    for schedule, run in runs.items():
+        for name, want, got in zip(names, first, run):
+            if name != "dq (atomics)":
+                assert torch.equal(got, want), f"{name} differs in schedule {schedule}"
+    if dtype == torch.float32:  # the blocks did run in other orders: fp32 dq keeps the sums' last bits
+        assert any(not torch.equal(run[5], first[5]) for run in runs.values())
+
+
+# --- the AdamW kernel ----------------------------------------------------------------------------
+
+def adamw_state(sizes, dtype, seed, misaligned=()):
+    """Params (each its own storage, offset 1 element if its index is in `misaligned`), grads,
+    and fp32 moments after a few steps' worth of values."""
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+    for i, n in enumerate(sizes):
+        offset = 1 if i in misaligned else 0
+        params.append(torch.randn(n + offset, generator=gen).to(dtype)[offset:])
+        grads.append(torch.randn(n + offset, generator=gen).to(dtype)[offset:])
+        exp_avgs.append(0.1 * torch.randn(n, generator=gen))
+        exp_avg_sqs.append(0.01 * torch.rand(n, generator=gen))
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def clone_all(state):
+    return [[t.clone() for t in ts] for ts in state]
+
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7)
+
+
+def adamw_call(fn, state, grad_scale=None, lr_tensor=None, step_tensor=None, **schedule):
+    h = HYPER
+    return fn(*state, h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["step"],
+              grad_scale, lr_tensor, step_tensor, **schedule)
+
+
+# (sizes, misaligned indices): tails of every length mod 4, a chunk's edges (65536), several
+# chunks, aligned and unaligned tensors side by side, and a few million elements
+ADAMW_CASES = {
+    "tiny": ([1, 2, 3, 4, 5, 7], {1, 4}),
+    "chunk-edges": ([65535, 65536, 65537, 3], {2}),
+    "many-chunks": ([5 * 65536 + 13, 100_003], {1}),
+    "millions": ([3_000_017, 1_000_000], {0}),
+}
+
+
+# every case in fp32; the 16-bit params (fp32 state) on all but the largest (the bookkeeping
+# does not depend on the dtype)
+ADAMW_RUNS = [(case, dtype) for case in sorted(ADAMW_CASES)
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)
+              if case != "millions" or dtype == torch.float32]
+
+
+@pytest.mark.parametrize("case, dtype", ADAMW_RUNS,
+                         ids=[f"{case}-{str(dtype)[6:]}" for case, dtype in ADAMW_RUNS])
+def test_the_adamw_kernel_equals_the_cpu_build_bit_for_bit(kernels_on_cpu, cpu_extension,
+                                                           case, dtype):
+    """Every element of every tensor updated once, by the vector path where the tensor is
+    16-byte aligned and the scalar path where not (and for the tails), under racecheck."""
+    sizes, misaligned = ADAMW_CASES[case]
+    state = adamw_state(sizes, dtype, seed=len(sizes), misaligned=misaligned)
+    ours, theirs = clone_all(state), clone_all(state)
+    launches = adamw_call(kernels_on_cpu.adamw_step, ours)
+    adamw_call(torch.ops.fastgpt.adamw_step, theirs)
+    assert launches == 1
+    for kind, got_list, want_list in zip(("param", "grad", "exp_avg", "exp_avg_sq"), ours, theirs):
+        for i, (got, want) in enumerate(zip(got_list, want_list)):
+            assert torch.equal(got, want), f"{kind} {i} (size {sizes[i]}) differs"
+    assert not torch.equal(ours[2][-1], state[2][-1])  # it did step
+
+
+def test_the_adamw_kernel_matches_torch_adamw_in_fp32(kernels_on_cpu):
+    sizes = [1, 3, 17, 1000, 65537]
+    params = [torch.randn(n) for n in sizes]
+    ref = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(ref, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]),
+                            eps=HYPER["eps"], weight_decay=HYPER["weight_decay"], foreach=False)
+    exp_avgs = [torch.zeros(n) for n in sizes]
+    exp_avg_sqs = [torch.zeros(n) for n in sizes]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        grads = [torch.randn(n, generator=gen) for n in sizes]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        opt.step()
+        kernels_on_cpu.adamw_step(params, grads, exp_avgs, exp_avg_sqs, HYPER["lr"],
+                                  HYPER["beta1"], HYPER["beta2"], HYPER["eps"],
+                                  HYPER["weight_decay"], step)
+    for i, (p, q) in enumerate(zip(params, ref)):
+        for got, want in ((p, q.detach()), (exp_avgs[i], opt.state[q]["exp_avg"]),
+                          (exp_avg_sqs[i], opt.state[q]["exp_avg_sq"])):
+            error = (got - want).abs().max().item()
+            assert error <= 1e-6 * want.abs().max().item(), (i, error)
+
+
+def test_300_tensors_take_nine_launches_of_at_most_36(kernels_on_cpu, cpu_extension):
+    sizes = [1 + 37 * i for i in range(300)]
+    state = adamw_state(sizes, torch.float32, seed=3, misaligned=set(range(0, 300, 7)))
+    ours, theirs = clone_all(state), clone_all(state)
+    assert adamw_call(kernels_on_cpu.adamw_step, ours) == 9  # ceil(300 / 36)
+    adamw_call(torch.ops.fastgpt.adamw_step, theirs)
+    for got, want in zip(ours[0] + ours[2] + ours[3], theirs[0] + theirs[2] + theirs[3]):
+        assert torch.equal(got, want)
+
+
+def test_mixed_dtypes_launch_per_dtype(kernels_on_cpu, cpu_extension):
+    state = [[], [], [], []]
+    for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]):
+        part = adamw_state([100 + i], dtype, seed=i)
+        for lists, tensors in zip(state, part):
+            lists.extend(tensors)
+    ours, theirs = clone_all(state), clone_all(state)
+    assert adamw_call(kernels_on_cpu.adamw_step, ours) == 3  # one per dtype
+    adamw_call(torch.ops.fastgpt.adamw_step, theirs)
+    for got, want in zip(ours[0] + ours[2] + ours[3], theirs[0] + theirs[2] + theirs[3]):
+        assert torch.equal(got, want)
+
+
+def test_clipping_scale_and_lr_and_step_read_from_memory(kernels_on_cpu, cpu_extension):
+    """The capturable path: grad_scale, lr and step as one-element tensors the kernel reads."""
+    state = adamw_state([1000, 33], torch.float32, seed=5, misaligned={1})
+    ours, theirs, plain = clone_all(state), clone_all(state), clone_all(state)
+    tensors = dict(grad_scale=torch.tensor([0.25]), lr_tensor=torch.tensor([2e-3]),
+                   step_tensor=torch.tensor([11.0]))
+    adamw_call(kernels_on_cpu.adamw_step, ours, **tensors)
+    adamw_call(torch.ops.fastgpt.adamw_step, theirs, **tensors)
+    adamw_call(kernels_on_cpu.adamw_step, plain)
+    for got, want, without in zip(ours[0], theirs[0], plain[0]):
+        assert torch.equal(got, want)
+        assert not torch.equal(got, without)  # the tensors were read
+
+
+@pytest.mark.parametrize("order, seed", SCHEDULES[1:], ids=SCHEDULE_IDS[1:])
+def test_the_adamw_kernel_gives_the_same_bits_under_every_schedule(kernels_on_cpu, order, seed):
+    state = adamw_state([65537, 1000, 5], torch.bfloat16, seed=9, misaligned={1})
+    first, other = clone_all(state), clone_all(state)
+    adamw_call(kernels_on_cpu.adamw_step, first)
+    adamw_call(kernels_on_cpu.adamw_step, other, schedule=order, schedule_seed=seed)
+    for got, want in zip(other[0] + other[2] + other[3], first[0] + first[2] + first[3]):
+        assert torch.equal(got, want)
+
+
+def test_a_tensor_cut_between_two_launches(kernels_on_cpu, cpu_extension):
+    """20 one-chunk tensors, then one of 301 chunks: the 320-block limit cuts it, and the
+    rest continues in slot 0 of the next launch. Without racecheck: its shadow (24 bytes per
+    byte written) would take 5.7 GB; the cases above run the same kernel under it."""
+    sizes = [1000] * 20 + [300 * 65536 + 5] + [1000] * 3
+    state = adamw_state(sizes, torch.float32, seed=11)
+    ours, theirs = clone_all(state), clone_all(state)
+    launches = adamw_call(kernels_on_cpu.adamw_step, ours, check_races=False)
+    assert launches == 2  # 320 blocks, then the cut tensor's last 1 + 3 more
+    adamw_call(torch.ops.fastgpt.adamw_step, theirs)
+    for got, want in zip(ours[0] + ours[2] + ours[3], theirs[0] + theirs[2] + theirs[3]):
+        assert torch.equal(got, want)
+
+
+def test_the_fused_optimizer_s_state_steps_like_the_kernel(kernels_on_cpu, cpu_extension):
+    """fastgpt.optim.AdamW's fused backend on CPU tensors and the kernel on the same state:
+    the optimizer's bookkeeping (step counts, per-group hyperparameters) feeds the kernel."""
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 70000)]
+    copies = [p.detach().clone() for p in params]
+    opt = AdamW(params, lr=1e-3, weight_decay=0.1, backend="fused")
+    gen = torch.Generator().manual_seed(1)
+    exp_avgs = [torch.zeros_like(c) for c in copies]
+    exp_avg_sqs = [torch.zeros_like(c) for c in copies]
+    for step in range(1, 3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        kernels_on_cpu.adamw_step(copies, grads, exp_avgs, exp_avg_sqs, 1e-3, 0.9, 0.999, 1e-8,
+                                  0.1, step)
+    for p, c in zip(params, copies):
+        assert torch.equal(p.detach(), c)
