@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Mutation checks: do the tests fail when a one-line bug is put into the code?
+
+Each entry of MUTATIONS is a file, a pattern that must occur in it exactly once, its
+replacement (the bug) and the tests that should catch it. For each, this script puts the
+bug into a scratch copy of the repository (the working tree's files as `git ls-files`
+lists them, or a commit's with --rev), runs the tests there with `python -m pytest -x -q`
+and reports the mutation caught (a test failed) or missed (they passed). One scratch copy
+serves every entry: the mutated file is restored after each.
+
+The copy is what gets tested: pytest runs with the copy as its working directory and first
+on PYTHONPATH (so `import fastgpt` is the copy's, which is checked before anything runs,
+as is that the unmutated tests pass there), and with --basetemp inside the copy, so that
+the C++ builds (the CPU extension, the CUDA kernels run on the CPU), which the session
+fixtures compile into pytest's temporary directory, are compiled afresh from the mutated
+sources on every run. FASTGPT_REQUIRE_KERNELS=1 is set: a test skipped for a missing
+toolchain would make every mutation look missed.
+
+A mutation counts as caught only if a test failed; if the tests only errored (e.g. the
+mutated C++ did not compile), or pytest could not run them, the entry is broken: reported,
+and the exit status is 1, as for a missed mutation or a pattern not found exactly once.
+
+    python tests/mutate.py               # every entry (about ... minutes on 2 cores)
+    python tests/mutate.py --list        # the entries, and whether each pattern is found
+    python tests/mutate.py --only NAME   # some entries
+    python tests/mutate.py --quick       # the quick subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str           # relative to the repository root
+    pattern: str        # must occur exactly once in the file
+    replacement: str
+    tests: tuple        # pytest arguments: node ids, files, "-k", "expression"
+    bug: str            # what the mutation breaks, in words
+    quick: bool = False  # in the --quick subset
+
+
+ATTENTION_ON_CPU = ("tests/test_attention.py", "-k", "run_on_cpu")
+CE_MATCHES = ("tests/test_cross_entropy.py", "-k", "matches_torch and dtype0")  # fp32
+CE_SMOOTHING = ("tests/test_cross_entropy.py", "-k", "ignore_index_and_label_smoothing")
+ADAMW = ("tests/test_adamw.py", "-k", "not cuda_build")  # not the nvcc build (minutes)
+RESUME = ("tests/test_train.py", "-k",
+          "resume_gives_the_same_losses or keeps_the_best_val_loss")
+
+MUTATIONS = [
+    # --- the three that issue 16 found missed, then its weak tests' ------------------------
+    Mutation("attention-tc-lse", "csrc/attention.cuh",
+             "if (half == 0) lse[bh * T + row] = m + logf(l);",
+             "if (half == 0) lse[bh * T + row] = m + logf(l) + 2e-4f;",
+             ATTENTION_ON_CPU, "the tensor-core forward's lse off by 2e-4"),
+    Mutation("attention-fp32-lse", "csrc/attention.cuh",
+             "if (lane == 0) lse[bh * T + row] = m + logf(l);",
+             "if (lane == 0) lse[bh * T + row] = m + logf(l) + 5e-5f;",
+             ATTENTION_ON_CPU, "the fp32 forward's lse off by 5e-5"),
+    Mutation("attention-tc-deterministic-dq-last-tile", "csrc/attention.cuh",
+             "for (int64_t k0 = 0; k0 <= q_last; k0 += kTile) {\n    __syncthreads();\n",
+             "for (int64_t k0 = 0; k0 < q_last; k0 += kTile) {\n    __syncthreads();\n",
+             ATTENTION_ON_CPU,
+             "the tensor-core deterministic dQ skips the last K/V tile when T = 1 mod 64"),
+    Mutation("reference-deterministic-dq-tiles", "fastgpt/ops/reference.py",
+             "for k0 in range(0, q1, block_k):\n",
+             "for k0 in range(0, q0 + 1, block_k):\n",
+             ("tests/test_attention.py", "-k", "tiled_forward_and_backward"),
+             "the tiled algorithm's deterministic dQ misses K/V tiles past the Q tile's first "
+             "row (a test compared it only with the atomic path, in the same order)",
+             quick=True),
+    Mutation("model-loss-ignores-backend", "fastgpt/model.py",
+             "return next_token_loss(self(idx), targets, reduction, backend)",
+             "return next_token_loss(self(idx), targets, reduction, None)",
+             ("tests/test_model.py", "-k", "backend"),
+             "GPT.loss drops the backend asked for (a test compared the reference with auto, "
+             "the reference too on a CPU)", quick=True),
+    Mutation("adamw-schema-drops-the-mutation", "csrc/bindings.cpp",
+             '"adamw_step(Tensor(a!)[] params, ',
+             '"adamw_step(Tensor[] params, ',
+             ("tests/test_adamw.py", "-k", "torch_compile"),
+             "adamw_step's schema no longer says it writes params (what torch.compile's "
+             "functionalization orders the graph by; the fake's test asserted nothing)"),
+    Mutation("verify-adamw-rows", "csrc/adamw_math.h",
+             "m = m + s.one_minus_beta1 * (g - m);",
+             "m = m + s.one_minus_beta2 * (g - m);",
+             ("tests/test_verify.py", "-k", "passes"),
+             "the fused AdamW's first moment takes beta2's weight: verify's AdamW rows "
+             "must run (and fail) whatever ran before them"),
+    Mutation("cli-sample-ignores-seed", "fastgpt/cli.py",
+             "seed=args.seed,", "seed=1337,",
+             ("tests/test_cli.py", "-k", "end_to_end"),
+             "fastgpt sample ignores --seed (the test checked only the echoed prompt)"),
+    # --- the Triton cross-entropy (fastgpt/ops/triton_ce.py) ---------------------------------
+    Mutation("ce-online-softmax-no-rescale", "fastgpt/ops/triton_ce.py",
+             "d = d * tl.exp(m - shift) + tl.sum(",
+             "d = d + tl.sum(",
+             CE_MATCHES, "the vocab loop's running sum is not rescaled when the max grows",
+             quick=True),
+    Mutation("ce-smoothing-gradient", "fastgpt/ops/triton_ce.py",
+             "g -= label_smoothing / n_cols",
+             "g -= label_smoothing / (n_cols - 1)",
+             CE_SMOOTHING, "label smoothing's gradient spreads over V - 1 classes"),
+    Mutation("ce-ignore-index-fixed", "fastgpt/ops/triton_ce.py",
+             "valid = row_in & (targets != ignore_index)",
+             "valid = row_in & (targets != -100)",
+             CE_SMOOTHING, "rows are ignored only for the default ignore_index -100"),
+    Mutation("ce-scale-not-applied", "fastgpt/ops/triton_ce.py",
+             "(g * scale).to(grad_ptr.dtype.element_ty)",
+             "g.to(grad_ptr.dtype.element_ty)",
+             CE_MATCHES, "the backward of mean/sum ignores grad_output"),
+    # --- the AdamW arithmetic (csrc/adamw_math.h, csrc/adamw_cpu.cpp) ------------------------
+    Mutation("adamw-bias-correction", "csrc/adamw_math.h",
+             "-lr / (Real(1) - pow(beta1, step))",
+             "-lr / (Real(1) - pow(beta1, step + Real(1)))",
+             ADAMW, "the first moment's bias correction one step ahead"),
+    Mutation("adamw-weight-decay", "csrc/adamw_math.h",
+             "s.decay = static_cast<float>(Real(1) - lr * weight_decay);",
+             "s.decay = static_cast<float>(Real(1) - weight_decay);",
+             ADAMW, "weight decay not scaled by the learning rate"),
+    Mutation("adamw-grad-scale", "csrc/adamw_cpu.cpp",
+             "static_cast<float>(g[i]) * scale,",
+             "static_cast<float>(g[i]),",
+             ADAMW, "the clipping scale is not applied to the gradient"),
+    Mutation("adamw-bias-correction2", "csrc/adamw_math.h",
+             "const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;",
+             "const float denom = sqrtf(v) + s.eps;",
+             ADAMW, "the second moment's bias correction dropped"),
+    # --- csrc/attention.cuh, run on the CPU --------------------------------------------------
+    Mutation("attention-fp32-causal-mask", "csrc/attention.cuh",
+             "const bool visible = key <= row;",
+             "const bool visible = key <= row + 1;",
+             ATTENTION_ON_CPU, "the fp32 forward lets each row see the next key"),
+    Mutation("attention-tc-dropout-scale", "csrc/attention.cuh",
+             "p_dropped = keep ? p * dropout.keep_scale : 0.0f;\n      dp = keep ? dp * dropout.keep_scale : 0.0f;\n    }\n    if (p_row",
+             "p_dropped = keep ? p : 0.0f;\n      dp = keep ? dp * dropout.keep_scale : 0.0f;\n    }\n    if (p_row",
+             ATTENTION_ON_CPU, "the tensor-core backward's dV forgets dropout's 1/(1-p)"),
+    Mutation("attention-fp32-dq-atomic-scale", "csrc/attention.cuh",
+             "atomicAdd(&dq[base + row * D + lane + 32 * c], dq_part[c] * scale);",
+             "atomicAdd(&dq[base + row * D + lane + 32 * c], dq_part[c]);",
+             ATTENTION_ON_CPU, "the fp32 backward's atomic dQ misses the softmax scale"),
+    Mutation("attention-tc-forward-correction", "csrc/attention.cuh",
+             "for (int d = 0; d < D / 2; ++d) o_row[d] *= correction;",
+             "for (int d = 0; d < D / 4; ++d) o_row[d] *= correction;",
+             ATTENTION_ON_CPU,
+             "the tensor-core forward rescales only half of a row's output accumulator"),
+    # --- resume (fastgpt/train.py) ------------------------------------------------------------
+    Mutation("resume-rng-not-restored", "fastgpt/train.py",
+             '    torch.set_rng_state(mine["torch"])\n',
+             '    pass\n',
+             RESUME, "a resumed run draws fresh dropout masks", quick=True),
+    Mutation("resume-data-position", "fastgpt/train.py",
+             'for _ in range(state["batch"]):',
+             'for _ in range(state["batch"] - 1):',
+             RESUME, "a resumed run repeats the last batch it had taken"),
+    Mutation("resume-optimizer-state", "fastgpt/train.py",
+             'optimizer.load_state_dict(checkpoint["optimizer"])',
+             'optimizer.state_dict()',
+             RESUME, "a resumed run restarts AdamW's moments"),
+]
+
+
+def working_tree_files() -> list[str]:
+    """The working tree's files as git sees them: tracked and untracked-but-not-ignored
+    (deleted ones left out)."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    return sorted({n for n in names if n and (ROOT / n).is_file()})
+
+
+def make_copy(scratch: Path, rev: str | None) -> Path:
+    copy = scratch / "repo"
+    if rev:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        copy.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+    else:
+        for name in working_tree_files():
+            target = copy / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+    return copy
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy)] + ([env["PYTHONPATH"]]
+                                                      if env.get("PYTHONPATH") else []))
+    env["FASTGPT_REQUIRE_KERNELS"] = "1"
+    env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    env.pop("FASTGPT_BACKEND", None)
+    return env
+
+
+def check_the_copy_is_imported(copy: Path, env: dict[str, str]) -> None:
+    """fastgpt, its C++ sources and the tests' helpers must come from the copy."""
+    code = ("import fastgpt, fastgpt.ops.extension as e; "
+            "print(fastgpt.__file__); print(e.CSRC)")
+    lines = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for line in lines:
+        if not Path(line).resolve().is_relative_to(copy.resolve()):
+            raise SystemExit(f"mutate: {line} is not in the scratch copy {copy}: the tests "
+                             f"would not see the mutations")
+
+
+def run_tests(copy: Path, env: dict[str, str], tests: tuple, timeout: float
+              ) -> tuple[str, float, str]:
+    """("passed" | "failed" | "error", seconds, the output's tail)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               f"--basetemp={copy.parent / 'pytest-tmp'}", *tests]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
+            else (exc.stdout or "")
+        return "error", time.perf_counter() - started, f"timed out after {timeout:.0f} s\n" + out[-2000:]
+    seconds = time.perf_counter() - started
+    output = result.stdout + result.stderr
+    summary = next((line for line in reversed(result.stdout.splitlines())
+                    if " in " in line and ("passed" in line or "failed" in line
+                                           or "error" in line)), "")
+    if result.returncode == 0 and " passed" in summary:
+        return "passed", seconds, output[-2000:]
+    if result.returncode == 1 and " failed" in summary:
+        return "failed", seconds, output[-2000:]
+    return "error", seconds, output[-3000:]
+
+
+def pattern_count(copy_or_root: Path, m: Mutation) -> int:
+    path = copy_or_root / m.file
+    return path.read_text().count(m.pattern) if path.exists() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations")
+    parser.add_argument("--quick", action="store_true", help="run the quick subset")
+    parser.add_argument("--rev", help="copy this commit's files instead of the working tree "
+                        "(e.g. HEAD: leaves uncommitted work out)")
+    parser.add_argument("--timeout", type=float, default=1200,
+                        help="seconds for one pytest run (default 1200)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    args = parser.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "mutation names must be unique"
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"no mutation named {', '.join(unknown)} (see --list)")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.quick:
+        chosen = [m for m in chosen if m.quick]
+
+    if args.list:
+        for m in chosen:
+            count = pattern_count(ROOT, m)
+            found = "" if count == 1 else f"   PATTERN FOUND {count} TIMES"
+            print(f"{m.name:<42} {m.file:<28} {' '.join(m.tests)}{' [quick]' if m.quick else ''}"
+                  f"{found}\n    {m.bug}")
+        return 0
+
+    scratch = Path(tempfile.mkdtemp(prefix="fastgpt-mutate-"))
+    started = time.perf_counter()
+    results = []
+    try:
+        copy = make_copy(scratch, args.rev)
+        env = environment(copy)
+        check_the_copy_is_imported(copy, env)
+        print(f"mutate: {len(chosen)} mutation(s) in a copy of "
+              f"{args.rev or 'the working tree'} at {copy}", flush=True)
+
+        # the unmutated copy must pass each set of tests, or a failure says nothing
+        for tests in dict.fromkeys(m.tests for m in chosen):
+            outcome, seconds, output = run_tests(copy, env, tests, args.timeout)
+            print(f"  baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s)", flush=True)
+            if outcome != "passed":
+                print(output)
+                print("mutate: the unmutated tests do not pass; nothing to conclude")
+                return 1
+
+        for m in chosen:
+            path = copy / m.file
+            original = path.read_text() if path.exists() else ""
+            count = original.count(m.pattern)
+            if count != 1:
+                results.append((m, f"pattern found {count} times", 0.0))
+                print(f"  {m.name:<42} PATTERN FOUND {count} TIMES in {m.file}", flush=True)
+                continue
+            path.write_text(original.replace(m.pattern, m.replacement))
+            try:
+                outcome, seconds, output = run_tests(copy, env, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            verdict = {"failed": "caught", "passed": "MISSED"}.get(outcome, "BROKEN")
+            results.append((m, verdict, seconds))
+            print(f"  {m.name:<42} {verdict:<7} {seconds:6.0f} s   {m.bug}", flush=True)
+            if verdict == "BROKEN":
+                print("    " + output.replace("\n", "\n    "))
+    finally:
+        if args.keep:
+            print(f"mutate: scratch copy kept at {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    caught = sum(verdict == "caught" for _, verdict, _ in results)
+    print(f"mutate: {caught}/{len(results)} caught in {time.perf_counter() - started:.0f} s")
+    for m, verdict, _ in results:
+        if verdict != "caught":
+            print(f"  not caught: {m.name} ({verdict}): {m.bug}")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
