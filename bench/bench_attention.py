@@ -22,8 +22,8 @@ reference.
 
 Before timing a shape, fastgpt's output and q, k, v gradients are compared with the
 reference's in float64: each max abs error must be at most 2x that of the reference run in
-the benchmark's dtype, plus one ulp of the largest entry (1e-4 relative in float32), or the
-shape is marked WRONG (fastgpt.ops.cuda_attention.errors_against_fp64). The issue's targets
+the precision the kernel computes in, plus a floor (fastgpt.ops.cuda_attention.
+errors_against_fp64 states each), or the shape is marked WRONG. The issue's targets
 (on an H100, fastgpt's forward+backward at least 0.9x SDPA's best at T = 256 D = 64, 0.75x at
 T = 4096, and 3x the reference at T = 256) are printed next to the measured ratios, not
 asserted. Exit status 1 if a shape was wrong, fastgpt failed on one, or the fused kernel
@@ -133,8 +133,7 @@ def run_provider(fn, q, k, v, reps: int, warmup: int, cuda: bool
 def check(fn, q, k, v) -> dict[str, tuple[float, float]]:
     """{"out", "dq", "dk", "dv": (fn's max abs error against the reference in float64, its
     bound)}: fastgpt.ops.cuda_attention.errors_against_fp64's rule (FlashAttention's: 2x the
-    error of the reference run in q's dtype, plus one ulp of the largest entry; 1e-4
-    relative in float32)."""
+    error of the reference run in the precision the kernel computes in, plus a floor)."""
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, q.dtype)
     errors = errors_against_fp64(q, k, v, grad, q.shape[-1] ** -0.5, attend=fn)
     return {name: (c.error, c.bound) for name, c in errors.items()}

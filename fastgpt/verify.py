@@ -156,8 +156,8 @@ def _adamw_rows(device: torch.device) -> list[Row]:
 def _attention_rows(device: torch.device) -> list[Row]:
     """The attention kernels' out, dq, dk, dv against the float64 reference at the seed's
     shape (B=8, H=6, T=256, D=64) and a long odd one, with dropout (the kernels' own mask):
-    bounds from cuda_attention.errors_against_fp64 (1e-4 relative in fp32, FlashAttention's
-    2x-of-torch's-own-error rule in bf16/fp16)."""
+    bounds from cuda_attention.errors_against_fp64 (FlashAttention's rule: twice torch's own
+    error in the precision the kernel computes in, plus a floor; its docstring gives each)."""
     from fastgpt.ops.cuda_attention import errors_against_fp64
 
     rows = []

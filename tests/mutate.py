@@ -56,6 +56,8 @@ ATTENTION_ON_CPU = ("tests/test_attention.py", "-k", "run_on_cpu")
 CE_MATCHES = ("tests/test_cross_entropy.py", "-k", "matches_torch and dtype0")  # fp32
 CE_SMOOTHING = ("tests/test_cross_entropy.py", "-k", "ignore_index_and_label_smoothing")
 ADAMW = ("tests/test_adamw.py", "-k", "not cuda_build")  # not the nvcc build (minutes)
+ADAMW_KERNEL = ("tests/test_cuda_on_cpu.py", "-k", "adamw")  # csrc/adamw.cuh run on the CPU
+RACECHECK = ("tests/test_cuda_on_cpu.py", "-k", "attention")  # the kernels under racecheck
 RESUME = ("tests/test_train.py", "-k",
           "resume_gives_the_same_losses or keeps_the_best_val_loss")
 
@@ -156,6 +158,40 @@ MUTATIONS = [
              "for (int d = 0; d < D / 4; ++d) o_row[d] *= correction;",
              ATTENTION_ON_CPU,
              "the tensor-core forward rescales only half of a row's output accumulator"),
+    # --- csrc/adamw.cuh's kernel and bookkeeping, run on the CPU -----------------------------
+    Mutation("adamw-kernel-vector-path-over-the-tail", "csrc/adamw.cuh",
+             "const int64_t vec_end = start + (end - start) / kVec * kVec;",
+             "const int64_t vec_end = start + (end - start + kVec - 1) / kVec * kVec;",
+             ADAMW_KERNEL, "the vector path runs past a chunk's or tensor's end"),
+    Mutation("adamw-kernel-vector-stride", "csrc/adamw.cuh",
+             "i += static_cast<int64_t>(kThreads) * kVec) {",
+             "i += static_cast<int64_t>(kThreads)) {",
+             ADAMW_KERNEL, "threads' vectors overlap: elements updated several times"),
+    Mutation("adamw-kernel-scalar-path-unscaled", "csrc/adamw.cuh",
+             "adamw_update(p_i, static_cast<float>(g[i]) * scale, m_i, v_i, scalars);",
+             "adamw_update(p_i, static_cast<float>(g[i]), m_i, v_i, scalars);",
+             ADAMW_KERNEL, "unaligned tensors and tails ignore the clipping scale"),
+    Mutation("adamw-kernel-cut-tensor-size", "csrc/adamw.cuh",
+             "          args.sizes[0] = args.sizes[slot];\n",
+             "",
+             ADAMW_KERNEL, "a tensor cut between launches continues with another's size"),
+    # --- races, found by racecheck in the CPU run ---------------------------------------------
+    Mutation("attention-tc-forward-no-barrier-after-loads", "csrc/attention.cuh",
+             "    load_tile<D>(v_s, v + base, k0, T);\n    __syncthreads();\n"
+             "    warp_a_bt<D>(s_s + warp * 16 * kLdScores, q_s + warp * 16 * ld, k_s);\n"
+             "    __syncwarp();\n    // this lane's columns",
+             "    load_tile<D>(v_s, v + base, k0, T);\n"
+             "    warp_a_bt<D>(s_s + warp * 16 * kLdScores, q_s + warp * 16 * ld, k_s);\n"
+             "    __syncwarp();\n    // this lane's columns",
+             RACECHECK, "warps read K/V tiles other warps may still be writing"),
+    Mutation("attention-tc-store-no-syncwarp", "csrc/attention.cuh",
+             "  wmma::store_matrix_sync(scratch, acc, kLdScores, wmma::mem_row_major);\n  __syncwarp();\n",
+             "  wmma::store_matrix_sync(scratch, acc, kLdScores, wmma::mem_row_major);\n",
+             RACECHECK, "lanes read a stored tile's parts other lanes may not have written"),
+    Mutation("attention-fp32-forward-no-barrier-after-loads", "csrc/attention.cuh",
+             "    __syncthreads();\n    if (!active || k0 > row) continue;  // this row sees no key",
+             "    if (!active || k0 > row) continue;  // this row sees no key",
+             RACECHECK, "the fp32 forward reads K/V tiles before every thread has stored its part"),
     # --- resume (fastgpt/train.py) ------------------------------------------------------------
     Mutation("resume-rng-not-restored", "fastgpt/train.py",
              '    torch.set_rng_state(mine["torch"])\n',

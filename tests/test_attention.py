@@ -382,28 +382,39 @@ CPU_RUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, D, T, dropout_p", [
-    pytest.param(*case, id=f"{str(case[0])[6:]}-D{case[1]}-T{case[2]}-p{case[3]:g}")
-    for case in CPU_RUN_CASES])
+# each case in one of three schedules in turn (tests/cuda_on_cpu/cuda_on_cpu.h: blocks
+# forward, reversed, shuffled; fibers resumed in rotated or reshuffled order after each
+# barrier); tests/test_cuda_on_cpu.py runs some cases in all of them and compares the bits
+CPU_RUN_SCHEDULES = [("forward", 0), ("reversed", 0), ("shuffled", 5)]
+
+
+@pytest.mark.parametrize("dtype, D, T, dropout_p, schedule", [
+    pytest.param(*case, CPU_RUN_SCHEDULES[i % 3],
+                 id=f"{str(case[0])[6:]}-D{case[1]}-T{case[2]}-p{case[3]:g}-"
+                    f"{CPU_RUN_SCHEDULES[i % 3][0]}")
+    for i, case in enumerate(CPU_RUN_CASES)])
 def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
-                                            dropout_p):
+                                            dropout_p, schedule):
     """The CUDA kernels themselves (fp32 ones, tensor-core ones through an emulated WMMA), run
     fiber per thread: out, lse, dq, dk, dv against float64 by errors_against_fp64's rule, the
     GPU tests' (FlashAttention's: twice torch's own error in the precision the kernel
     computes in, plus a floor; its docstring gives each bound's reason and the errors
     measured here), with dropout applied by the reference through the mask csrc/philox.h
     gives for the same (seed, offset). Reads past an input give NaN, writes outside an
-    output fail the call (tests/cuda_on_cpu)."""
+    output and races (racecheck) fail the call (tests/cuda_on_cpu)."""
     from fastgpt.ops.cuda_attention import errors_against_fp64
 
     gen = torch.Generator().manual_seed(D + T)
     q, k, v, g = (torch.randn(1, 2, T, D, generator=gen).to(dtype) for _ in range(4))
     scale, seed, offset = D ** -0.5, 1234 + T, 56 + D
-    out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, dropout_p, seed, offset)
+    order, schedule_seed = schedule
+    out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, dropout_p, seed, offset,
+                                                schedule=order, schedule_seed=schedule_seed)
     assert launches == 1
     for deterministic in (False, True):
         dq, dk, dv, backward_launches = kernels_on_cpu.backward(
-            q, k, v, out, lse, g, scale, dropout_p, seed, offset, deterministic)
+            q, k, v, out, lse, g, scale, dropout_p, seed, offset, deterministic,
+            schedule=order, schedule_seed=schedule_seed)
         assert backward_launches == (2 if deterministic else 1)
         errors = errors_against_fp64(q, k, v, g, scale, dropout_p, seed=seed, offset=offset,
                                      results=dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv))

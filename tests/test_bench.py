@@ -13,9 +13,15 @@ from fastgpt import ops
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 # quality.py's fused run needs the cross-entropy kernel (on a CPU through the interpreter)
-needs_fused_cross_entropy = pytest.mark.skipif(
-    not ops.available()["cross_entropy"][0],
-    reason=f"the fused cross_entropy cannot run here: {ops.available()['cross_entropy'][1]}")
+@pytest.fixture
+def fused_cross_entropy():
+    if not ops.available()["cross_entropy"][0]:
+        from helpers import require_or_skip
+        require_or_skip(f"the fused cross_entropy cannot run here: "
+                        f"{ops.available()['cross_entropy'][1]}")
+
+
+needs_fused_cross_entropy = pytest.mark.usefixtures("fused_cross_entropy")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")

@@ -15,7 +15,7 @@ from fastgpt import ops
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT, next_token_loss
 from fastgpt.train import read_metrics, resume_config, train, training_module
-from helpers import tiny_config
+from helpers import require_or_skip, tiny_config
 
 
 def small_gpt(dropout=0.0):
@@ -39,8 +39,8 @@ def backend(request):
 @pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused"], indirect=True)
 def test_forward_and_loss_trace_to_one_graph(backend):
     if backend != "reference" and not ops.available()["cross_entropy"][0]:
-        pytest.skip(f"the fused cross_entropy cannot run here: "
-                    f"{ops.available()['cross_entropy'][1]}")
+        require_or_skip(f"the fused cross_entropy cannot run here: "
+                        f"{ops.available()['cross_entropy'][1]}")
     model = small_gpt(dropout=0.1)
     explained = torch._dynamo.explain(lambda x, y: next_token_loss(model(x), y))(*batch())
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
@@ -79,8 +79,8 @@ def test_the_fused_attention_traces_through_its_fakes(cpu_extension, monkeypatch
 @pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused"], indirect=True)
 def test_the_compiled_step_gives_the_eager_loss_and_gradients(backend, monkeypatch):
     if backend != "reference" and not ops.available()["cross_entropy"][0]:
-        pytest.skip(f"the fused cross_entropy cannot run here: "
-                    f"{ops.available()['cross_entropy'][1]}")
+        require_or_skip(f"the fused cross_entropy cannot run here: "
+                        f"{ops.available()['cross_entropy'][1]}")
     from fastgpt.ops import triton_ce
     launches = []
     launch = triton_ce.launch

@@ -24,15 +24,19 @@ import torch.nn.functional as F
 from fastgpt import FastGPTError, ops
 from fastgpt.model import GPT
 from fastgpt.verify import FP32_RELATIVE, low_precision_grad_ok
-from helpers import quick
+from helpers import quick, require_or_skip
 
 # On a GPU these run natively and a kernel that fails its self-check fails them (it is not
 # skipped); without one they need Triton's interpreter.
 # Every test here is a GPU test where there is one (marked gpu: the full GPU matrix of
 # bench/gpu_check.sh --full; `quick` the ones of its quick stage).
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available() and not ops.available()["cross_entropy"][0],
-    reason=f"fused cross_entropy unavailable: {ops.available()['cross_entropy'][1]}")]
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def needs_the_kernel():
+    if not torch.cuda.is_available() and not ops.available()["cross_entropy"][0]:
+        require_or_skip(f"fused cross_entropy unavailable: {ops.available()['cross_entropy'][1]}")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -175,7 +175,7 @@ def test_the_tool_packages_are_found_where_pip_put_them():
         try:
             importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            pytest.skip(f"{package} is not installed (pip install -e '.[test]')")
+            require_or_skip(f"{package} is not installed (pip install -e '.[test]')")
         path = kernel_report.find_tool(tool)
         assert path and Path(path).name == tool and "site-packages" in path, path
 

@@ -15,7 +15,7 @@ from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT
 from fastgpt.train import NonFiniteLoss, lr_at, read_metrics, resume_config, train
-from helpers import assert_same_run, gpu, quick, tiny_cli_args, tiny_config
+from helpers import assert_same_run, gpu, quick, require_or_skip, tiny_cli_args, tiny_config
 
 
 def records(run_dir: Path, kind: str) -> list[tuple]:
@@ -540,7 +540,7 @@ def test_fastgpts_code_on_the_step_reads_no_tensor_into_python(backend, cpu_exte
     from fastgpt.optim import AdamW, param_groups
     from helpers import HostReads
     if backend != "reference" and not ops.available()[backend.split("=")[0]][0]:
-        pytest.skip(f"the fused {backend} cannot run here")
+        require_or_skip(f"the fused {backend} cannot run here")
     monkeypatch.setattr(reference, "_readable_on_host", lambda tensor: False)
     previous = ops.set_backend(backend)
     try:
