@@ -57,6 +57,7 @@ CE_MATCHES = ("tests/test_cross_entropy.py", "-k", "matches_torch and dtype0")  
 CE_SMOOTHING = ("tests/test_cross_entropy.py", "-k", "ignore_index_and_label_smoothing")
 ADAMW = ("tests/test_adamw.py", "-k", "not cuda_build")  # not the nvcc build (minutes)
 ADAMW_KERNEL = ("tests/test_cuda_on_cpu.py", "-k", "adamw")  # csrc/adamw.cuh run on the CPU
+# (every AdamW test there has "adamw" in its name)
 RACECHECK = ("tests/test_cuda_on_cpu.py", "-k", "attention")  # the kernels under racecheck
 RESUME = ("tests/test_train.py", "-k",
           "resume_gives_the_same_losses or keeps_the_best_val_loss")

@@ -224,7 +224,7 @@ def test_the_adamw_kernel_matches_torch_adamw_in_fp32(kernels_on_cpu):
             assert error <= 1e-6 * want.abs().max().item(), (i, error)
 
 
-def test_300_tensors_take_nine_launches_of_at_most_36(kernels_on_cpu, cpu_extension):
+def test_adamw_300_tensors_take_nine_launches_of_at_most_36(kernels_on_cpu, cpu_extension):
     sizes = [1 + 37 * i for i in range(300)]
     state = adamw_state(sizes, torch.float32, seed=3, misaligned=set(range(0, 300, 7)))
     ours, theirs = clone_all(state), clone_all(state)
@@ -234,7 +234,7 @@ def test_300_tensors_take_nine_launches_of_at_most_36(kernels_on_cpu, cpu_extens
         assert torch.equal(got, want)
 
 
-def test_mixed_dtypes_launch_per_dtype(kernels_on_cpu, cpu_extension):
+def test_adamw_mixed_dtypes_launch_per_dtype(kernels_on_cpu, cpu_extension):
     state = [[], [], [], []]
     for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]):
         part = adamw_state([100 + i], dtype, seed=i)
@@ -247,7 +247,7 @@ def test_mixed_dtypes_launch_per_dtype(kernels_on_cpu, cpu_extension):
         assert torch.equal(got, want)
 
 
-def test_clipping_scale_and_lr_and_step_read_from_memory(kernels_on_cpu, cpu_extension):
+def test_adamw_clipping_scale_and_lr_and_step_read_from_memory(kernels_on_cpu, cpu_extension):
     """The capturable path: grad_scale, lr and step as one-element tensors the kernel reads."""
     state = adamw_state([1000, 33], torch.float32, seed=5, misaligned={1})
     ours, theirs, plain = clone_all(state), clone_all(state), clone_all(state)
@@ -271,7 +271,7 @@ def test_the_adamw_kernel_gives_the_same_bits_under_every_schedule(kernels_on_cp
         assert torch.equal(got, want)
 
 
-def test_a_tensor_cut_between_two_launches(kernels_on_cpu, cpu_extension):
+def test_adamw_a_tensor_cut_between_two_launches(kernels_on_cpu, cpu_extension):
     """20 one-chunk tensors, then one of 301 chunks: the 320-block limit cuts it, and the
     rest continues in slot 0 of the next launch. Without racecheck: its shadow (24 bytes per
     byte written) would take 5.7 GB; the cases above run the same kernel under it."""
@@ -285,7 +285,7 @@ def test_a_tensor_cut_between_two_launches(kernels_on_cpu, cpu_extension):
         assert torch.equal(got, want)
 
 
-def test_the_fused_optimizer_s_state_steps_like_the_kernel(kernels_on_cpu, cpu_extension):
+def test_the_fused_adamw_optimizer_steps_like_the_kernel(kernels_on_cpu, cpu_extension):
     """fastgpt.optim.AdamW's fused backend on CPU tensors and the kernel on the same state:
     the optimizer's bookkeeping (step counts, per-group hyperparameters) feeds the kernel."""
     params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 70000)]
