@@ -376,8 +376,8 @@ def self_check(device: torch.device) -> None:
             logits = torch.randn(SELF_CHECK_ROWS, vocab, generator=generator).to(
                 device=device, dtype=dtype)
             targets = torch.tensor([0, vocab - 1, 5, -100, 17, 3], device=device)
-            grad_output = torch.rand((SELF_CHECK_ROWS,) if reduction == "none" else (), generator=generator,
-                                     dtype=torch.float64).to(device) + 0.5
+            grad_output = torch.rand((SELF_CHECK_ROWS,) if reduction == "none" else (),
+                                     generator=generator, dtype=torch.float64).to(device) + 0.5
             results = []
             for fused in (False, True):
                 x = logits.clone().requires_grad_()
