@@ -59,6 +59,7 @@ ADAMW = ("tests/test_adamw.py", "-k", "not cuda_build")  # not the nvcc build (m
 ADAMW_KERNEL = ("tests/test_cuda_on_cpu.py", "-k", "adamw")  # csrc/adamw.cuh run on the CPU
 # (every AdamW test there has "adamw" in its name)
 RACECHECK = ("tests/test_cuda_on_cpu.py", "-k", "attention")  # the kernels under racecheck
+EMULATOR = ("tests/test_cuda_on_cpu.py", "-k", "not adamw and not attention")  # its own tests
 RESUME = ("tests/test_train.py", "-k",
           "resume_gives_the_same_losses or keeps_the_best_val_loss")
 
@@ -193,6 +194,19 @@ MUTATIONS = [
              "    __syncthreads();\n    if (!active || k0 > row) continue;  // this row sees no key",
              "    if (!active || k0 > row) continue;  // this row sees no key",
              RACECHECK, "the fp32 forward reads K/V tiles before every thread has stored its part"),
+    # --- the emulator itself (tests/cuda_on_cpu/) ------------------------------------------
+    Mutation("emulator-no-reorder-after-barriers", "tests/cuda_on_cpu/cuda_on_cpu.h",
+             "if (schedule_.order == Order::reversed) std::rotate(",
+             "if (false) std::rotate(",
+             EMULATOR, "the reversed schedule resumes fibers in one order throughout"),
+    Mutation("racecheck-syncwarp-orders-nothing", "tests/cuda_on_cpu/cuda_on_cpu.h",
+             "    ++fibers_[current_].who.warp_epoch;\n",
+             "",
+             EMULATOR, "racecheck takes __syncwarp for no barrier (false reports)"),
+    Mutation("racecheck-skips-the-last-write", "tests/cuda_on_cpu/racecheck.h",
+             "      if (!reported && !ordered(sh.write, now, per_block)) {",
+             "      if (false) {",
+             EMULATOR, "racecheck misses hazards with the last write (read or write after it)"),
     # --- resume (fastgpt/train.py) ------------------------------------------------------------
     Mutation("resume-rng-not-restored", "fastgpt/train.py",
              '    torch.set_rng_state(mine["torch"])\n',

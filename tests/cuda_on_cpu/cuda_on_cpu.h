@@ -304,17 +304,21 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
   blockDim = dim3(threads);
   const unsigned grid_sizes[3] = {grid.x, grid.y, grid.z};
   racecheck::begin_launch(reinterpret_cast<const void*>(kernel), threads, grid_sizes);
-  // dynamic shared memory, 128-byte aligned as the kernels declare it, and the statics
-  std::vector<unsigned char> dynamic(static_cast<size_t>(shared_bytes) + 128);
+  // dynamic shared memory, 128-byte aligned as the kernels declare it, then a guard that a
+  // kernel may not write (racecheck) and reads as NaN; and the statics
+  constexpr size_t kSharedGuard = 1024;
+  std::vector<unsigned char> dynamic(static_cast<size_t>(shared_bytes) + 128 + kSharedGuard);
   unsigned char* shared = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(dynamic.data()) + 127) / 128 * 128);
   const size_t static_bytes = __stop_cuda_on_cpu_shared - __start_cuda_on_cpu_shared;
-  racecheck::watch(shared, shared_bytes, "dynamic shared memory", true);
-  racecheck::watch(__start_cuda_on_cpu_shared, static_bytes, "static shared memory", true);
   struct Unwatch {
-    const void *a, *b;
-    ~Unwatch() { racecheck::unwatch(a); racecheck::unwatch(b); }
-  } unwatch{shared, __start_cuda_on_cpu_shared};
+    const void *a, *b, *c;
+    ~Unwatch() { racecheck::unwatch(a); racecheck::unwatch(b); racecheck::unwatch(c); }
+  } unwatch{shared, shared + shared_bytes, __start_cuda_on_cpu_shared};
+  racecheck::watch(shared, shared_bytes, "dynamic shared memory", true);
+  racecheck::watch(shared + shared_bytes, kSharedGuard,
+                   "the bytes past the launch's dynamic shared memory", true, true);
+  racecheck::watch(__start_cuda_on_cpu_shared, static_bytes, "static shared memory", true);
 
   std::vector<uint32_t> blocks(static_cast<size_t>(grid.x) * grid.y * grid.z);
   std::iota(blocks.begin(), blocks.end(), 0u);
@@ -324,12 +328,16 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
   }
   for (const uint32_t b : blocks) {
     blockIdx = make_uint3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
-    std::memset(shared, 0xFF, static_cast<size_t>(shared_bytes));
+    std::memset(shared, 0xFF, static_cast<size_t>(shared_bytes) + kSharedGuard);
     if (static_bytes > 0) std::memset(__start_cuda_on_cpu_shared, 0xFF, static_bytes);
     racecheck::begin_block();
     Block block(threads, shared, b, schedule);
     auto body = [&] { kernel(args...); };
     block.run(body);
+    if (const char* error = racecheck::state().error) {
+      racecheck::state().error = nullptr;
+      throw std::runtime_error(error);
+    }
   }
 }
 

@@ -72,14 +72,36 @@ class Watched {
 
 constexpr int64_t kGuard = 4096;  // NaN elements past each input's end
 
-// t's values in the first t.numel() elements of a NaN-filled buffer (so: contiguous, and
-// 16-byte aligned as a fresh allocation is).
-at::Tensor guarded_copy(const at::Tensor& t) {
-  at::Tensor buffer = at::full({t.numel() + kGuard}, NAN, t.options());
-  at::Tensor view = buffer.narrow(0, 0, t.numel()).view(t.sizes());
-  view.copy_(t);
-  return view;
+// A contiguous copy of t in a NaN-filled buffer (allocated in the caller's RedZoneScope if
+// there is one), at the same address modulo 16 as t (so the kernel takes the same vector or
+// scalar path), with the buffer's bytes outside the copy watched as read only (a write
+// there fails the call), and the copy itself too if read_only.
+struct GuardedTensor {
+  at::Tensor view;
+  std::vector<std::unique_ptr<Watched>> watched;
+};
+
+GuardedTensor guarded_like(const at::Tensor& t, const std::string& name, bool read_only) {
+  const int64_t elem = t.element_size();
+  const int64_t pad = 16 / elem;  // room to match t's alignment
+  at::Tensor buffer = at::full({t.numel() + pad + kGuard}, NAN, t.options());
+  racecheck::unwatch(buffer.data_ptr());  // a red-zone allocator's watch: replaced by these
+  const int64_t misalignment = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
+  TORCH_CHECK(misalignment % elem == 0, name, " is not aligned to its element size");
+  const int64_t start = (misalignment - reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 16 + 16) % 16 / elem;
+  GuardedTensor g{buffer.narrow(0, start, t.numel()).view(t.sizes()), {}};
+  g.view.copy_(t);
+  g.watched.push_back(std::make_unique<Watched>(g.view, name, read_only));
+  if (start > 0) {
+    g.watched.push_back(std::make_unique<Watched>(buffer.narrow(0, 0, start),
+                                                  "the bytes before " + name, true));
+  }
+  g.watched.push_back(std::make_unique<Watched>(
+      buffer.narrow(0, start + t.numel(), buffer.numel() - start - t.numel()),
+      "the bytes past " + name, true));
+  return g;
 }
+
 
 // The launcher given to the kernels' dispatch: runs each kernel on the CPU and counts.
 struct CpuLaunch {
@@ -100,11 +122,12 @@ std::tuple<at::Tensor, at::Tensor, int> attention_forward(
     int64_t schedule_seed, bool check_races) {
   CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
-  const at::Tensor q_in = guarded_copy(q), k_in = guarded_copy(k), v_in = guarded_copy(v);
-  const Watched watch_q(q_in, "q", true), watch_k(k_in, "k", true), watch_v(v_in, "v", true);
+  const GuardedTensor q_in = guarded_like(q.contiguous(), "q", true),
+                      k_in = guarded_like(k.contiguous(), "k", true),
+                      v_in = guarded_like(v.contiguous(), "v", true);
   RedZoneScope red_zones;
-  auto [out, lse] = fastgpt::attention_forward_launches(launch, q_in, k_in, v_in, scale,
-                                                        dropout_p, seed, offset);
+  auto [out, lse] = fastgpt::attention_forward_launches(launch, q_in.view, k_in.view, v_in.view,
+                                                        scale, dropout_p, seed, offset);
   red_zones.check();
   call.check_races({{out.data_ptr(), "out"}, {lse.data_ptr(), "lse"}});
   return {out, lse, launch.launches};
@@ -117,51 +140,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int> attention_backward(
     int64_t schedule_seed, bool check_races) {
   CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
-  const at::Tensor q_in = guarded_copy(q), k_in = guarded_copy(k), v_in = guarded_copy(v);
-  const at::Tensor out_in = guarded_copy(out), lse_in = guarded_copy(lse);
-  const at::Tensor grad_out_in = guarded_copy(grad_out);
-  const Watched watch_q(q_in, "q", true), watch_k(k_in, "k", true), watch_v(v_in, "v", true),
-      watch_out(out_in, "out", true), watch_lse(lse_in, "lse", true),
-      watch_grad(grad_out_in, "grad_out", true);
+  const GuardedTensor q_in = guarded_like(q.contiguous(), "q", true),
+                      k_in = guarded_like(k.contiguous(), "k", true),
+                      v_in = guarded_like(v.contiguous(), "v", true),
+                      out_in = guarded_like(out.contiguous(), "out", true),
+                      lse_in = guarded_like(lse.contiguous(), "lse", true),
+                      grad_out_in = guarded_like(grad_out.contiguous(), "grad_out", true);
   RedZoneScope red_zones;
   auto [dq, dk, dv] = fastgpt::attention_backward_launches(
-      launch, q_in, k_in, v_in, out_in, lse_in, grad_out_in, scale, dropout_p, seed, offset,
-      deterministic);
+      launch, q_in.view, k_in.view, v_in.view, out_in.view, lse_in.view, grad_out_in.view, scale,
+      dropout_p, seed, offset, deterministic);
   red_zones.check();
   call.check_races({{dq.data_ptr(), "dq"}, {dk.data_ptr(), "dk"}, {dv.data_ptr(), "dv"}});
   return {dq, dk, dv, launch.launches};
 }
 
 // --- AdamW ---------------------------------------------------------------------------------------
-
-// A copy of t in a NaN-filled buffer allocated in the caller's RedZoneScope, at the same
-// address modulo 16 as t (so the kernel takes the same vector or scalar path), with the
-// buffer's bytes outside the copy watched as read only (a write there fails the call).
-struct GuardedTensor {
-  at::Tensor view;
-  std::vector<std::unique_ptr<Watched>> watched;
-};
-
-GuardedTensor guarded_like(const at::Tensor& t, const std::string& name, bool read_only) {
-  const int64_t elem = t.element_size();
-  const int64_t pad = 16 / elem;  // room to match t's alignment
-  at::Tensor buffer = at::full({t.numel() + pad + kGuard}, NAN, t.options());
-  racecheck::unwatch(buffer.data_ptr());  // the red-zone allocator's watch: replaced by these
-  const int64_t misalignment = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
-  TORCH_CHECK(misalignment % elem == 0, name, " is not aligned to its element size");
-  const int64_t start = (misalignment - reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 16 + 16) % 16 / elem;
-  GuardedTensor g{buffer.narrow(0, start, t.numel()).view(t.sizes()), {}};
-  g.view.copy_(t);
-  g.watched.push_back(std::make_unique<Watched>(g.view, name, read_only));
-  if (start > 0) {
-    g.watched.push_back(std::make_unique<Watched>(buffer.narrow(0, 0, start),
-                                                  "the bytes before " + name, true));
-  }
-  g.watched.push_back(std::make_unique<Watched>(
-      buffer.narrow(0, start + t.numel(), buffer.numel() - start - t.numel()),
-      "the bytes past " + name, true));
-  return g;
-}
 
 // fastgpt::adamw_step's launches on the CPU; updates params, exp_avgs and exp_avg_sqs in
 // place and returns the number of kernel launches. check_races=false for sizes whose shadow
@@ -253,15 +247,50 @@ __global__ void write_across_blocks(float* out, bool atomic) {
   }
 }
 
-// Each thread writes its cell, then (after the barrier) one warp overwrites the other
-// warp's cells while that warp reads them: needs a second __syncthreads.
+// Each thread writes its cell, then (after the barrier) reads the other warp's mirror cell;
+// warp 0 then clears its own cells, which warp 1 may still be reading: needs a second
+// __syncthreads (a __syncwarp would not do: the reader is in the other warp).
 __global__ void reuse_without_second_barrier(float* out, bool sync) {
   __shared__ float cells[64];
   cells[threadIdx.x] = static_cast<float>(threadIdx.x);
   __syncthreads();
   out[blockIdx.x * 64 + threadIdx.x] = cells[63 - threadIdx.x];
   if (sync) __syncthreads();
-  if (threadIdx.x < 32) cells[threadIdx.x + 32] = 0.0f;
+  if (threadIdx.x < 32) cells[threadIdx.x] = 0.0f;
+}
+
+// atomicAdd into the buffer it may only read (the fix: into out).
+__global__ void adds_to_its_input(float* out, float* in, bool fixed) {
+  const int64_t i = blockIdx.x * 64 + threadIdx.x;
+  atomicAdd(fixed ? &out[i] : &in[i], 1.0f);
+}
+
+// Writes one cell past the 64 floats of dynamic shared memory the launch gives it.
+__global__ void writes_past_its_shared_memory(float* out, bool fixed) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  float* cells = reinterpret_cast<float*>(smem);
+  cells[fixed ? threadIdx.x : threadIdx.x + 1] = 1.0f;
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = cells[threadIdx.x];
+}
+
+// Records the order the threads pass the points after two barriers (the scheduler's, with
+// one OS thread: an atomic counter gives each its place): out[0:64] after the first,
+// out[64:128] after the second.
+__global__ void arrival_order(float* out, bool) {
+  if (blockIdx.x != 0) return;  // one block records (launched with two for out's 128 cells)
+  __shared__ float next[2];
+  if (threadIdx.x == 0) next[0] = next[1] = 0.0f;
+  __syncthreads();
+  out[static_cast<int>(atomicAdd(&next[0], 1.0f))] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[64 + static_cast<int>(atomicAdd(&next[1], 1.0f))] = static_cast<float>(threadIdx.x);
+}
+
+// Thread t writes out[t] in one launch and out[63 - t] in the next: ordered by the launch
+// boundary (racecheck must start each launch with an empty shadow of global memory).
+__global__ void write_one_cell(float* out, bool reversed) {
+  out[reversed ? 63 - threadIdx.x : threadIdx.x] = static_cast<float>(threadIdx.x);
 }
 
 // Copies its input, and (unless fixed) clears it: a write to a buffer the kernel may only read.
@@ -285,6 +314,15 @@ at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
     cuda_on_cpu::launch(cells_across_lanes, grid, 64, 64 * 4, o, fixed);
   } else if (kernel == "write_across_blocks") {
     cuda_on_cpu::launch(write_across_blocks, grid, 64, 0, o, fixed);
+  } else if (kernel == "adds_to_its_input") {
+    cuda_on_cpu::launch(adds_to_its_input, grid, 64, 0, o, in.data_ptr<float>(), fixed);
+  } else if (kernel == "writes_past_its_shared_memory") {
+    cuda_on_cpu::launch(writes_past_its_shared_memory, grid, 64, 64 * 4, o, fixed);
+  } else if (kernel == "arrival_order") {
+    cuda_on_cpu::launch(arrival_order, grid, 64, 0, o, fixed);
+  } else if (kernel == "two_launches") {
+    cuda_on_cpu::launch(write_one_cell, grid, 64, 0, o, false);
+    cuda_on_cpu::launch(write_one_cell, grid, 64, 0, o, true);
   } else if (kernel == "clears_its_input") {
     cuda_on_cpu::launch(clears_its_input, grid, 64, 0, o, in.data_ptr<float>(), fixed);
   } else if (kernel == "reuse_without_second_barrier") {

@@ -57,13 +57,7 @@ struct Who {
 constexpr int kThreadBits = 23, kEpochBits = 20;
 constexpr uint64_t kPresent = uint64_t{1} << 63;
 
-CUDA_ON_CPU_UNWATCHED inline uint64_t pack(const Who& who) {
-  if (who.thread >> kThreadBits || who.block_epoch >> kEpochBits || who.warp_epoch >> kEpochBits) {
-    throw std::runtime_error("racecheck: launch or barrier count too large to track");
-  }
-  return kPresent | (uint64_t{who.thread} << (2 * kEpochBits)) |
-         (uint64_t{who.block_epoch} << kEpochBits) | who.warp_epoch;
-}
+CUDA_ON_CPU_UNWATCHED inline uint64_t pack(const Who& who);  // below: it needs the State
 CUDA_ON_CPU_UNWATCHED inline uint32_t thread_of(uint64_t a) { return (a >> (2 * kEpochBits)) & ((1u << kThreadBits) - 1); }
 CUDA_ON_CPU_UNWATCHED inline uint32_t block_epoch_of(uint64_t a) { return (a >> kEpochBits) & ((1u << kEpochBits) - 1); }
 CUDA_ON_CPU_UNWATCHED inline uint32_t warp_epoch_of(uint64_t a) { return a & ((1u << kEpochBits) - 1); }
@@ -113,11 +107,23 @@ struct State {
   uintptr_t low = UINTPTR_MAX, high = 0;
   std::vector<Hazard> hazards;  // the first kMaxHazards
   size_t hazard_count = 0;
+  // What went wrong inside a hook, which may not throw (GCC declares the __tsan_* calls
+  // nothrow): the launcher throws it once the block's fibers have returned.
+  const char* error = nullptr;
 };
 constexpr size_t kMaxHazards = 8;
 
 inline State global_state;  // one OS thread runs every kernel of this module
 inline State& state() { return global_state; }
+
+CUDA_ON_CPU_UNWATCHED inline uint64_t pack(const Who& who) {
+  if (who.thread >> kThreadBits || who.block_epoch >> kEpochBits || who.warp_epoch >> kEpochBits) {
+    global_state.error = "racecheck: launch or barrier count too large to track";
+    return 0;  // an access that orders nothing: the launch fails anyway
+  }
+  return kPresent | (uint64_t{who.thread} << (2 * kEpochBits)) |
+         (uint64_t{who.block_epoch} << kEpochBits) | who.warp_epoch;
+}
 
 inline void update_bounds(State& s) {
   s.low = UINTPTR_MAX;
@@ -212,8 +218,12 @@ CUDA_ON_CPU_UNWATCHED inline bool ordered(uint64_t earlier, const Who& now, unsi
 
 // The hazards go to a std::vector: a call kept out of the hot path (and its instrumented
 // memory accesses are not a kernel's: the caller has cleared `who`).
-__attribute__((noinline)) inline void record(State& s, Hazard hazard) {
-  if (s.hazards.size() < kMaxHazards) s.hazards.push_back(std::move(hazard));
+__attribute__((noinline)) inline void record(State& s, Hazard hazard) noexcept {
+  try {
+    if (s.hazards.size() < kMaxHazards) s.hazards.push_back(std::move(hazard));
+  } catch (...) {
+    s.error = "racecheck: out of memory for its report";
+  }
 }
 
 CUDA_ON_CPU_UNWATCHED inline void report(State& s, const Span& span, uintptr_t address,
@@ -285,13 +295,29 @@ CUDA_ON_CPU_UNWATCHED inline void access(const volatile void* pointer, size_t si
           reported = true;
         }
         sh.write = mine;
-      } else if ((sh.read & kPresent) && thread_of(sh.read) == now.thread) {
+      } else if (ordered(sh.read, now, per_block)) {  // absent, this thread's, or stale
         sh.read = mine;
-      } else {
+      } else if (ordered(sh.older_read, now, per_block)) {
         sh.older_read = sh.read;
+        sh.read = mine;
+      } else {  // both concurrent with this read: one is forgotten, a foreign block's last
+        if (thread_of(sh.read) / per_block != now.thread / per_block) sh.older_read = sh.read;
         sh.read = mine;
       }
     }
+  }
+}
+
+// An atomic that writes: not checked for races, but a read-only region may not take it.
+CUDA_ON_CPU_UNWATCHED inline void atomic_write(const volatile void* pointer) {
+  State& s = global_state;
+  if (s.who == nullptr || !s.enabled) return;
+  const auto address = reinterpret_cast<uintptr_t>(pointer);
+  if (address - s.stack_begin < s.stack_size || address >= s.high || address < s.low) return;
+  const Span* span = find(s, address);
+  if (span != nullptr && span->shadow == nullptr) {
+    const uint64_t mine = pack(*s.who);
+    report(s, *span, address, mine, true, *s.who, true, true);
   }
 }
 
@@ -460,41 +486,52 @@ CUDA_ON_CPU_UNWATCHED void __tsan_atomic_signal_fence(int) { __atomic_signal_fen
     return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                 \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED void __tsan_atomic##bits##_store(volatile type* a, type v, int) {        \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                    \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_exchange(volatile type* a, type v, int) {     \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                          \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_add(volatile type* a, type v, int) {    \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                           \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_sub(volatile type* a, type v, int) {    \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                           \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_and(volatile type* a, type v, int) {    \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                           \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_or(volatile type* a, type v, int) {     \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                            \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_xor(volatile type* a, type v, int) {    \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                           \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_nand(volatile type* a, type v, int) {   \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                          \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED int __tsan_atomic##bits##_compare_exchange_strong(                       \
       volatile type* a, type* expected, type v, int, int) {                                      \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST,                  \
                                        __ATOMIC_SEQ_CST);                                        \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED int __tsan_atomic##bits##_compare_exchange_weak(                         \
       volatile type* a, type* expected, type v, int, int) {                                      \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST,                  \
                                        __ATOMIC_SEQ_CST);                                        \
   }                                                                                              \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_compare_exchange_val(                         \
       volatile type* a, type expected, type v, int, int) {                                       \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     __atomic_compare_exchange_n(a, &expected, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);     \
     return expected;                                                                             \
   }

@@ -31,11 +31,16 @@ class RedZoneAllocator final : public c10::Allocator {
     TORCH_CHECK(base != nullptr, "RedZoneAllocator: out of memory for ", nbytes, " bytes");
     std::memset(base, kCanary, kRedZone);
     std::memset(base + kRedZone + nbytes, kCanary, total - kRedZone - nbytes);
+    try {
+      racecheck::watch(base + kRedZone, nbytes, "a " + std::to_string(nbytes) + "-byte buffer");
+    } catch (...) {
+      std::free(base);
+      throw;
+    }
     {
       std::lock_guard<std::mutex> lock(mutex());
       sizes()[base] = nbytes;
     }
-    racecheck::watch(base + kRedZone, nbytes, "a " + std::to_string(nbytes) + "-byte buffer");
     return {base + kRedZone, base, &release, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
