@@ -173,11 +173,6 @@ inline void unwatch(const void* begin) {
   update_bounds(s);
 }
 
-inline void unwatch_all() {
-  state().regions.clear();
-  update_bounds(state());
-}
-
 inline void clear_shadow(Region& r) {
   if (r.shadow && r.touched_begin < r.touched_end) {
     std::memset(r.shadow.get() + (r.touched_begin - r.begin), 0,
