@@ -51,6 +51,17 @@ PLANTED = {
                                       r"\(\d, 0, 0\) thread 63 to the bytes past the launch's "
                                       r"dynamic shared memory at byte 0, which the kernel may "
                                       r"only read"),
+    # cp.async: a thread reads the other warp's copied chunk after its own wait_group, with
+    # no __syncthreads (a wait makes the copies visible to their own thread only)
+    "copies_read_without_barrier": (r"racecheck: copies_read_without_barrier: (read|write) by "
+                                    r"block \(\d, 0, 0\) thread \d+ and (read|write) by block "
+                                    r"\(\d, 0, 0\) thread \d+ of dynamic shared memory"),
+    # cp.async into cells the other warp still reads (the copy may land at once)
+    "copies_over_cells_still_read": (r"racecheck: copies_over_cells_still_read: read by block "
+                                     r"\(\d, 0, 0\) thread \d+ and write by block \(\d, 0, 0\) "
+                                     r"thread \d+ of dynamic shared memory"),
+    # cp.async copies left in flight at the kernel's end
+    "never_waits": r"thread \d+: ended with cp.async copies it never waited for",
 }
 
 
@@ -65,6 +76,11 @@ def fixed_result(kernel: str, blocks: int) -> torch.Tensor:
         return torch.arange(64 * blocks, dtype=torch.float32)
     if kernel in ("adds_to_its_input", "writes_past_its_shared_memory"):
         return torch.ones(64 * blocks)
+    if kernel == "never_waits":
+        return torch.zeros(64 * blocks)
+    if kernel in ("copies_read_without_barrier", "copies_over_cells_still_read",
+                  "reads_before_the_wait"):  # the chunk in[64 b + 4 (t % 16)..] of block b
+        return torch.cat([64 * b + 4 * (t % 16) for b in range(blocks)])
     return per_block[kernel].float().repeat(blocks)
 
 

@@ -36,8 +36,10 @@
 #include <ucontext.h>
 
 #include <atomic>
+#include <bit>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -104,6 +106,12 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// A cp.async copy in flight: its 16 bytes were read at the start and land at the wait.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -111,15 +119,19 @@ struct Fiber {
   uint64_t waiting_generation = 0;
   bool done = false;
   racecheck::Who who;  // its launch-wide id and the barriers it passed
+  std::vector<AsyncCopy> open_copies;                 // cp.async since the last commit
+  std::deque<std::vector<AsyncCopy>> copy_groups;     // committed, oldest first
 };
 
 // One block's fibers and their scheduler.
 class Block {
  public:
   // `dynamic_shared` is 128-byte aligned, 0xFF-filled and watched by racecheck by the caller.
-  Block(int threads, unsigned char* dynamic_shared, uint32_t block_linear, Schedule order)
+  Block(int threads, unsigned char* dynamic_shared, size_t shared_bytes, uint32_t block_linear,
+        Schedule order)
       : fibers_(threads), block_barrier_{threads, 0, 0}, warp_barriers_((threads + 31) / 32),
-        shuffle_slots_((threads + 31) / 32), shared_(dynamic_shared), order_(threads),
+        shuffle_slots_((threads + 31) / 32), exchange_slots_((threads + 31) / 32),
+        shared_(dynamic_shared), shared_bytes_(shared_bytes), order_(threads),
         schedule_(order), random_(order.seed * 1000003u + block_linear) {
     if (threads % kWarpSize != 0) throw std::runtime_error("block size must be whole warps");
     for (Barrier& b : warp_barriers_) b.expected = kWarpSize;
@@ -191,6 +203,65 @@ class Block {
     return slots.values[set][source % kWarpSize];
   }
 
+  // Every lane offers n <= kExchangeWords words; returns the warp's offers, lane l's at
+  // [l * kExchangeWords, ...). Alternating slot sets, as for shuffle.
+  static constexpr int kExchangeWords = 6;
+  CUDA_ON_CPU_INTERNAL const uint64_t* exchange(const uint64_t* offer, int n) {
+    auto& slots = exchange_slots_[current_ / kWarpSize];
+    const int lane = current_ % kWarpSize;
+    const int set = slots.calls[lane]++ % 2;
+    std::memcpy(slots.words[set][lane], offer, n * sizeof(uint64_t));
+    wait_for_warp();
+    return &slots.words[set][0][0];
+  }
+
+  // Whether [p, p + bytes) lies in the block's shared memory (dynamic or static).
+  bool in_shared(const void* p, size_t bytes) const {
+    const auto* c = static_cast<const unsigned char*>(p);
+    const bool dynamic = c >= shared_ && c + bytes <= shared_ + shared_bytes_;
+    const bool statics = c >= __start_cuda_on_cpu_shared && c + bytes <= __stop_cuda_on_cpu_shared;
+    return dynamic || statics;
+  }
+
+  // cp.async as the PTX ISA has it, for the running thread: the source is read now, the
+  // destination's 16 bytes are set to 0xFF now (a read before the wait sees NaN; racecheck
+  // sees a write by this thread, so another thread still reading the old data races with
+  // it) and take the data at the cp_async_wait that covers the copy's group (racecheck: a
+  // write then, which the other threads must not read before a __syncthreads).
+  CUDA_ON_CPU_INTERNAL void cp_async(void* dst, const void* src, bool from_src) {
+    const auto where = [](const void* p) { return std::to_string(reinterpret_cast<uintptr_t>(p)); };
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || !in_shared(dst, 16)) {
+      throw std::runtime_error("cp.async: destination " + where(dst) +
+                               " is not 16 aligned bytes of shared memory");
+    }
+    AsyncCopy copy{static_cast<unsigned char*>(dst), {}};
+    if (from_src) {
+      if (reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+        throw std::runtime_error("cp.async: source " + where(src) + " is not 16-byte aligned");
+      }
+      racecheck::access(src, 16, false);
+      std::memcpy(copy.data, src, 16);
+    }
+    racecheck::access(dst, 16, true);
+    std::memset(dst, 0xFF, 16);
+    fibers_[current_].open_copies.push_back(copy);
+  }
+  CUDA_ON_CPU_INTERNAL void cp_async_commit() {
+    Fiber& f = fibers_[current_];
+    f.copy_groups.push_back(std::move(f.open_copies));
+    f.open_copies.clear();
+  }
+  CUDA_ON_CPU_INTERNAL void cp_async_wait(int pending) {
+    Fiber& f = fibers_[current_];
+    while (static_cast<int>(f.copy_groups.size()) > pending) {
+      for (const AsyncCopy& copy : f.copy_groups.front()) {
+        racecheck::access(copy.dst, 16, true);
+        std::memcpy(copy.dst, copy.data, 16);
+      }
+      f.copy_groups.pop_front();
+    }
+  }
+
   CUDA_ON_CPU_INTERNAL int lane() const { return current_ % kWarpSize; }
   unsigned char* shared() { return shared_; }
   static Block*& current_block() {
@@ -203,6 +274,10 @@ class Block {
     float values[2][kWarpSize];
     uint64_t calls[kWarpSize] = {};
   };
+  struct ExchangeSlots {
+    uint64_t words[2][kWarpSize][kExchangeWords];
+    uint64_t calls[kWarpSize] = {};
+  };
 
   static void fiber_main() {
     Block* block = current_block();
@@ -211,7 +286,12 @@ class Block {
     } catch (const std::exception& e) {
       block->error_ = "thread " + std::to_string(block->current_) + ": " + e.what();
     }
-    block->fibers_[block->current_].done = true;
+    Fiber& self = block->fibers_[block->current_];
+    if (block->error_.empty() && (!self.open_copies.empty() || !self.copy_groups.empty())) {
+      block->error_ = "thread " + std::to_string(block->current_) +
+                      ": ended with cp.async copies it never waited for";
+    }
+    self.done = true;
     // returning resumes uc_link, the scheduler
   }
 
@@ -281,7 +361,9 @@ class Block {
   Barrier block_barrier_;
   std::vector<Barrier> warp_barriers_;
   std::vector<ShuffleSlots> shuffle_slots_;
+  std::vector<ExchangeSlots> exchange_slots_;
   unsigned char* shared_;
+  size_t shared_bytes_;
   std::vector<int> order_;  // the fibers in the order they are resumed
   int position_ = 0;        // the current fiber's place in order_
   Schedule schedule_;
@@ -331,7 +413,7 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
     std::memset(shared, 0xFF, static_cast<size_t>(shared_bytes) + kSharedGuard);
     if (static_bytes > 0) std::memset(__start_cuda_on_cpu_shared, 0xFF, static_bytes);
     racecheck::begin_block();
-    Block block(threads, shared, b, schedule);
+    Block block(threads, shared, static_cast<size_t>(shared_bytes), b, schedule);
     auto body = [&] { kernel(args...); };
     block.run(body);
     if (const char* error = racecheck::state().error) {
@@ -485,3 +567,111 @@ CUDA_ON_CPU_INTERNAL void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 }
 
 }  // namespace nvcuda::wmma
+
+// 32-bit integer shuffles, through the float ones (the bits travel unchanged).
+inline unsigned __shfl_sync(unsigned mask, unsigned value, int source_lane) {
+  return std::bit_cast<unsigned>(__shfl_sync(mask, std::bit_cast<float>(value), source_lane));
+}
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned value, int lane_mask) {
+  return std::bit_cast<unsigned>(__shfl_xor_sync(mask, std::bit_cast<float>(value), lane_mask));
+}
+
+// --- csrc/mma.cuh's PTX instructions, lane by lane as the PTX ISA defines them ---
+//
+// mma.sync m16n8k16: every lane offers its A and B registers to the warp and computes its
+// own four C elements from the lanes that hold each A and B element on a GPU, so a kernel
+// whose fragments are laid out wrongly computes a wrong product here. ldmatrix: every lane
+// offers its row address; each lane reads only the elements it receives (racecheck sees
+// those bytes read by it). cp.async: see Block::cp_async.
+#define FASTGPT_WARP_PRIMITIVES_ON_CPU
+
+namespace cuda_on_cpu {
+
+CUDA_ON_CPU_INTERNAL inline float element_to_float(uint16_t bits, __nv_bfloat16) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
+CUDA_ON_CPU_INTERNAL inline float element_to_float(uint16_t bits, __half) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+// The 16-bit element `half` (0: low) of 32-bit register word.
+CUDA_ON_CPU_INTERNAL inline uint16_t half_of(uint64_t word, int half) {
+  return static_cast<uint16_t>(word >> (16 * half));
+}
+
+// A row address that ldmatrix may take, or an exception naming the lane that gave it.
+CUDA_ON_CPU_INTERNAL inline const uint16_t* ldmatrix_row(uint64_t address, int lane) {
+  const void* row = reinterpret_cast<const void*>(address);
+  if (address % 16 != 0 || !Block::current_block()->in_shared(row, 16)) {
+    throw std::runtime_error("ldmatrix: lane " + std::to_string(lane) + "'s row address " +
+                             std::to_string(address) +
+                             " is not 16 aligned bytes of shared memory");
+  }
+  return static_cast<const uint16_t*>(row);
+}
+
+CUDA_ON_CPU_INTERNAL inline uint32_t read_watched(const uint16_t* element) {
+  racecheck::access(element, 2, false);
+  return *element;
+}
+
+}  // namespace cuda_on_cpu
+
+namespace fastgpt {
+
+template <typename Elem>
+CUDA_ON_CPU_INTERNAL void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[2]) {
+  using cuda_on_cpu::half_of;
+  auto* const current = cuda_on_cpu::Block::current_block();
+  const uint64_t offer[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const uint64_t* warp = current->exchange(offer, 6);
+  constexpr int W = cuda_on_cpu::Block::kExchangeWords;
+  const int lane = current->lane(), g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float sum = acc[e];
+    for (int k = 0; k < 16; ++k) {
+      // A(row, k): lane 4 (row % 8) + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2
+      const uint64_t a_word = warp[(4 * (row % 8) + (k % 8) / 2) * W + row / 8 + 2 * (k / 8)];
+      // B(k, col): lane 4 col + (k % 8) / 2, register k / 8, half k % 2
+      const uint64_t b_word = warp[(4 * col + (k % 8) / 2) * W + 4 + k / 8];
+      sum += cuda_on_cpu::element_to_float(half_of(a_word, k % 2), Elem()) *
+             cuda_on_cpu::element_to_float(half_of(b_word, k % 2), Elem());
+    }
+    acc[e] = sum;
+  }
+}
+
+template <int kMatrices, bool kTrans>
+CUDA_ON_CPU_INTERNAL void ldmatrix(uint32_t (&r)[kMatrices], const void* row) {
+  static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "1, 2 or 4 matrices");
+  auto* const current = cuda_on_cpu::Block::current_block();
+  const uint64_t offer = reinterpret_cast<uintptr_t>(row);
+  const uint64_t* warp = current->exchange(&offer, 1);
+  constexpr int W = cuda_on_cpu::Block::kExchangeWords;
+  const int lane = current->lane(), g = lane / 4, t = lane % 4;
+  for (int i = 0; i < kMatrices; ++i) {
+    const auto row_of = [&](int j) {  // matrix i's row j, given by lane 8i + j
+      return cuda_on_cpu::ldmatrix_row(warp[(8 * i + j) * W], 8 * i + j);
+    };
+    if constexpr (!kTrans) {  // (row g, columns 2t, 2t + 1)
+      const uint16_t* p = row_of(g);
+      r[i] = cuda_on_cpu::read_watched(p + 2 * t) | cuda_on_cpu::read_watched(p + 2 * t + 1) << 16;
+    } else {  // (rows 2t, 2t + 1; column g)
+      r[i] = cuda_on_cpu::read_watched(row_of(2 * t) + g) |
+             cuda_on_cpu::read_watched(row_of(2 * t + 1) + g) << 16;
+    }
+  }
+}
+
+inline void cp_async_16(void* dst, const void* src, bool from_src) {
+  cuda_on_cpu::Block::current_block()->cp_async(dst, src, from_src);
+}
+inline void cp_async_commit() { cuda_on_cpu::Block::current_block()->cp_async_commit(); }
+template <int kPending>
+inline void cp_async_wait() {
+  cuda_on_cpu::Block::current_block()->cp_async_wait(kPending);
+}
+
+}  // namespace fastgpt

@@ -14,6 +14,7 @@
 
 #include "adamw.cuh"
 #include "attention.cuh"
+#include "mma.cuh"
 #include "red_zones.h"
 
 #include <torch/extension.h>
@@ -300,6 +301,58 @@ __global__ void clears_its_input(float* out, float* in, bool fixed) {
   if (!fixed) in[i] = 0.0f;
 }
 
+// cp.async: each thread copies 16 bytes of `in` to shared memory and (unless fixed) reads
+// them back before its wait_group: it must see the 0xFF fill (NaN), not the data.
+__global__ void reads_before_the_wait(float* out, float* in, bool fixed) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  float* cells = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x;
+  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * (t % 16), true);
+  fastgpt::cp_async_commit();
+  if (fixed) fastgpt::cp_async_wait<0>();
+  out[blockIdx.x * 64 + t] = cells[4 * t];
+  if (!fixed) fastgpt::cp_async_wait<0>();
+}
+
+// Each thread copies a chunk and waits for it; then reads the other warp's chunk: needs a
+// __syncthreads between (the wait makes a copy visible to its own thread only).
+__global__ void copies_read_without_barrier(float* out, float* in, bool fixed) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  float* cells = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x;
+  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * (t % 16), true);
+  fastgpt::cp_async_commit();
+  fastgpt::cp_async_wait<0>();
+  if (fixed) __syncthreads();
+  out[blockIdx.x * 64 + t] = cells[4 * ((t + 32) % 64)];
+}
+
+// Each thread reads the other warp's chunk, then starts the next copy into its own: needs
+// a __syncthreads before the copy (the copy may land at once).
+__global__ void copies_over_cells_still_read(float* out, float* in, bool fixed) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  float* cells = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x;
+  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * (t % 16), true);
+  fastgpt::cp_async_commit();
+  fastgpt::cp_async_wait<0>();
+  __syncthreads();
+  out[blockIdx.x * 64 + t] = cells[4 * ((t + 32) % 64)];
+  if (fixed) __syncthreads();
+  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * ((t + 1) % 16), true);
+  fastgpt::cp_async_commit();
+  fastgpt::cp_async_wait<0>();
+}
+
+// Starts a copy and (unless fixed) never waits for it.
+__global__ void never_waits(float* out, float* in, bool fixed) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  fastgpt::cp_async_16(smem + 16 * threadIdx.x, in + blockIdx.x * 64, true);
+  fastgpt::cp_async_commit();
+  if (fixed) fastgpt::cp_async_wait<0>();
+  out[blockIdx.x * 64 + threadIdx.x] = 0.0f;
+}
+
 at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
                    const std::string& schedule, int64_t schedule_seed) {
   CallScope call(schedule, schedule_seed);
@@ -325,11 +378,149 @@ at::Tensor planted(const std::string& kernel, bool fixed, int64_t blocks,
     cuda_on_cpu::launch(write_one_cell, grid, 64, 0, o, true);
   } else if (kernel == "clears_its_input") {
     cuda_on_cpu::launch(clears_its_input, grid, 64, 0, o, in.data_ptr<float>(), fixed);
+  } else if (kernel == "reads_before_the_wait") {
+    cuda_on_cpu::launch(reads_before_the_wait, grid, 64, 64 * 16, o, in.data_ptr<float>(), fixed);
+  } else if (kernel == "copies_read_without_barrier") {
+    cuda_on_cpu::launch(copies_read_without_barrier, grid, 64, 64 * 16, o, in.data_ptr<float>(),
+                        fixed);
+  } else if (kernel == "copies_over_cells_still_read") {
+    cuda_on_cpu::launch(copies_over_cells_still_read, grid, 64, 64 * 16, o,
+                        in.data_ptr<float>(), fixed);
+  } else if (kernel == "never_waits") {
+    cuda_on_cpu::launch(never_waits, grid, 64, 64 * 16, o, in.data_ptr<float>(), fixed);
   } else if (kernel == "reuse_without_second_barrier") {
     cuda_on_cpu::launch(reuse_without_second_barrier, grid, 64, 0, o, fixed);
   } else {
     TORCH_CHECK(false, "no planted kernel ", kernel);
   }
+  call.check_races({});
+  return out;
+}
+
+
+// --- csrc/mma.cuh's instructions, one warp -------------------------------------------------------
+
+// Each lane passes its registers (a: 4, b: 2 words; acc: 4 floats, updated) to one
+// mma_m16n8k16, as given: the test lays them out by the PTX ISA's tables.
+template <typename Elem>
+__global__ void mma_lanes_kernel(const uint32_t* a, const uint32_t* b, float* acc) {
+  const int lane = threadIdx.x;
+  const uint32_t a_regs[4] = {a[4 * lane], a[4 * lane + 1], a[4 * lane + 2], a[4 * lane + 3]};
+  const uint32_t b_regs[2] = {b[2 * lane], b[2 * lane + 1]};
+  float c[4] = {acc[4 * lane], acc[4 * lane + 1], acc[4 * lane + 2], acc[4 * lane + 3]};
+  fastgpt::mma_m16n8k16<Elem>(c, a_regs, b_regs);
+  for (int e = 0; e < 4; ++e) acc[4 * lane + e] = c[e];
+}
+
+// acc (32 lanes x 4) after one mma_m16n8k16 of the lanes' registers a (32 x 4) and b (32 x 2),
+// int32 bit patterns of pairs of `dtype` elements.
+at::Tensor mma_lanes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& acc,
+                     const std::string& dtype) {
+  CallScope call("forward", 0);
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({32, 4}) && b.sizes() == at::IntArrayRef({32, 2}) &&
+              acc.sizes() == at::IntArrayRef({32, 4}), "mma_lanes: a (32, 4), b (32, 2), acc (32, 4)");
+  at::Tensor a32 = a.to(at::kInt).contiguous(), b32 = b.to(at::kInt).contiguous();
+  at::Tensor out = acc.to(at::kFloat).clone();
+  const auto* a_ptr = reinterpret_cast<const uint32_t*>(a32.data_ptr());
+  const auto* b_ptr = reinterpret_cast<const uint32_t*>(b32.data_ptr());
+  if (dtype == "bfloat16") {
+    cuda_on_cpu::launch(mma_lanes_kernel<__nv_bfloat16>, dim3(1), 32, 0, a_ptr, b_ptr,
+                        out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(dtype == "float16", "mma_lanes: dtype bfloat16 or float16");
+    cuda_on_cpu::launch(mma_lanes_kernel<__half>, dim3(1), 32, 0, a_ptr, b_ptr,
+                        out.data_ptr<float>());
+  }
+  call.check_races({});
+  return out;
+}
+
+// Copies `tile` (rows x 8 16-bit elements) to shared memory, then each lane gives the row
+// address tile_s + offsets[lane] (in elements) to one ldmatrix; returns the lanes' registers.
+template <int kMatrices, bool kTrans>
+__global__ void ldmatrix_lanes_kernel(const uint16_t* tile, int rows, const int32_t* offsets,
+                                      uint32_t* out) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  auto* tile_s = reinterpret_cast<uint16_t*>(smem);
+  for (int i = threadIdx.x; i < rows * 8; i += 32) tile_s[i] = tile[i];
+  __syncwarp();
+  uint32_t r[kMatrices];
+  fastgpt::ldmatrix<kMatrices, kTrans>(r, tile_s + offsets[threadIdx.x]);
+  for (int i = 0; i < kMatrices; ++i) out[threadIdx.x * kMatrices + i] = r[i];
+}
+
+at::Tensor ldmatrix_lanes(const at::Tensor& tile, const at::Tensor& offsets, int64_t matrices,
+                          bool trans) {
+  CallScope call("forward", 0);
+  TORCH_CHECK(tile.dim() == 2 && tile.size(1) == 8 && tile.element_size() == 2,
+              "ldmatrix_lanes: tile (rows, 8) of 16-bit elements");
+  at::Tensor tile_c = tile.contiguous();
+  at::Tensor offsets32 = offsets.to(at::kInt).contiguous();
+  TORCH_CHECK(offsets32.numel() == 32, "ldmatrix_lanes: 32 offsets");
+  at::Tensor out = at::zeros({32, matrices}, at::kInt);
+  const auto* t = reinterpret_cast<const uint16_t*>(tile_c.data_ptr());
+  const int rows = static_cast<int>(tile_c.size(0));
+  const auto* o = offsets32.data_ptr<int32_t>();
+  auto* r = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const int bytes = rows * 16;
+  const auto run = [&](auto kernel) { cuda_on_cpu::launch(kernel, dim3(1), 32, bytes, t, rows, o, r); };
+  if (matrices == 1) trans ? run(ldmatrix_lanes_kernel<1, true>) : run(ldmatrix_lanes_kernel<1, false>);
+  else if (matrices == 2) trans ? run(ldmatrix_lanes_kernel<2, true>) : run(ldmatrix_lanes_kernel<2, false>);
+  else if (matrices == 4) trans ? run(ldmatrix_lanes_kernel<4, true>) : run(ldmatrix_lanes_kernel<4, false>);
+  else TORCH_CHECK(false, "ldmatrix_lanes: 1, 2 or 4 matrices");
+  call.check_races({});
+  return out;
+}
+
+// out (16 x 8 fp32) = a (16 x 16) @ b (16 x 8) the way the attention kernels compute
+// products: a and b copied to shared memory by cp.async, A by ldmatrix.x4, B by
+// ldmatrix.x2.trans from b's rows (kBRows: b holds B, like V) or by ldmatrix.x2 from b^T's
+// rows (!kBRows: b holds B^T, 8 x 16, like K), one mma_m16n8k16, D stored by the C layout.
+template <typename Elem, bool kBRows>
+__global__ void product_kernel(const Elem* a, const Elem* b, float* out) {
+  FASTGPT_DYNAMIC_SHARED(smem);
+  Elem* a_s = reinterpret_cast<Elem*>(smem);  // 16 x 16
+  Elem* b_s = a_s + 256;                      // 16 x 8 or 8 x 16
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  fastgpt::cp_async_16(a_s + 8 * lane, a + 8 * lane, true);  // 32 chunks of 8 elements
+  if (lane < 16) fastgpt::cp_async_16(b_s + 8 * lane, b + 8 * lane, true);
+  fastgpt::cp_async_commit();
+  fastgpt::cp_async_wait<0>();
+  __syncwarp();
+  uint32_t a_regs[4], b_regs[2];
+  // matrix i = lane / 8: rows (i % 2) * 8.., columns (i / 2) * 8..
+  fastgpt::ldmatrix<4, false>(a_regs, a_s + (lane % 16) * 16 + (lane / 16) * 8);
+  if constexpr (kBRows) {  // matrix i = (lane / 8) % 2: k rows 8i..8i+7 of B (16 x 8)
+    fastgpt::ldmatrix<2, true>(b_regs, b_s + (lane % 16) * 8);
+  } else {  // matrix i: B^T's rows n = 0..7, k columns 8i..8i+7
+    fastgpt::ldmatrix<2, false>(b_regs, b_s + (lane % 8) * 16 + ((lane / 8) % 2) * 8);
+  }
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  fastgpt::mma_m16n8k16<Elem>(c, a_regs, b_regs);
+  out[g * 8 + 2 * t] = c[0];
+  out[g * 8 + 2 * t + 1] = c[1];
+  out[(g + 8) * 8 + 2 * t] = c[2];
+  out[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, bool b_rows) {
+  CallScope call("forward", 0);
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
+              "product: a (16, 16) bf16 or fp16, b of a's dtype");
+  TORCH_CHECK(b.sizes() == (b_rows ? at::IntArrayRef({16, 8}) : at::IntArrayRef({8, 16})),
+              "product: b (16, 8), or b^T (8, 16) if not b_rows");
+  at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+  at::Tensor out = at::zeros({16, 8});
+  fastgpt::with_16bit_type(a.scalar_type(), [&](auto elem) {
+    using Elem = decltype(elem);
+    const auto run = [&](auto kernel) {
+      cuda_on_cpu::launch(kernel, dim3(1), 32, 2 * 256 * 2, fastgpt::ptr<const Elem>(a_c),
+                          fastgpt::ptr<const Elem>(b_c), out.data_ptr<float>());
+    };
+    if (b_rows) run(product_kernel<Elem, true>);
+    else run(product_kernel<Elem, false>);
+  });
   call.check_races({});
   return out;
 }
@@ -357,6 +548,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lr_tensor") = py::none(), py::arg("step_tensor") = py::none(),
         py::arg("schedule") = "forward", py::arg("schedule_seed") = 0,
         py::arg("check_races") = true);
+  m.def("mma_lanes", &mma_lanes, "the lanes' accumulators after one mma_m16n8k16",
+        py::arg("a"), py::arg("b"), py::arg("acc"), py::arg("dtype"));
+  m.def("ldmatrix_lanes", &ldmatrix_lanes, "the lanes' registers after one ldmatrix",
+        py::arg("tile"), py::arg("offsets"), py::arg("matrices"), py::arg("trans"));
+  m.def("product", &product, "a @ b through cp.async, ldmatrix and mma_m16n8k16",
+        py::arg("a"), py::arg("b"), py::arg("b_rows"));
   m.def("write_one", &write_one, "a kernel writes element index of an n-element buffer");
   m.def("planted", &planted, "runs a planted race (fixed=False) or its fixed twin",
         py::arg("kernel"), py::arg("fixed"), py::arg("blocks") = 1,
