@@ -12,10 +12,12 @@
 // p_j broadcast from lane j. Output = acc / l and lse = m + log l (fp32) per row.
 // Version 2, bf16/fp16 on the tensor cores: further down.
 // Dropout in both: the decision for probability (bh, row, key) is csrc/philox.h's
-// dropout_keep(seed, offset, (bh * T + row) * T + key), so the backward (and the test mode)
+// dropout_keep(seed, offset, bh * T + row, key, T), so the backward (and the test mode)
 // regenerates it; l and lse sum the undropped probabilities.
 #pragma once
 
+#include "attention_common.cuh"
+#include "attention_mma.cuh"
 #include "philox.h"
 
 #include <cuda_bf16.h>
@@ -35,15 +37,8 @@ namespace {
 
 using namespace nvcuda;
 
-// The block's dynamic shared memory, 128-byte aligned (a macro: the CPU emulation supplies its
-// own).
-#ifndef FASTGPT_DYNAMIC_SHARED
-#define FASTGPT_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 constexpr int kRows = 4;   // query rows per block: one warp each
 constexpr int kKeys = 32;  // keys per K/V tile: one lane each
-constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
@@ -54,13 +49,6 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
-
-struct DropoutArgs {
-  uint64_t seed, offset;
-  uint32_t threshold;  // a probability is kept when its Philox word is >= this
-  float keep_scale;    // 1 / (1 - p)
-  bool enabled;
-};
 
 // q, k, v, out: (B*H, T, D) contiguous fp32; lse: (B*H, T) fp32.
 // grid: (B*H, ceil(T / kRows)); block: kRows * 32 threads.
@@ -116,7 +104,7 @@ attention_forward_fp32_kernel(const float* __restrict__ q, const float* __restri
     const float correction = expf(m - m_new);   // 0 on the first tile (m = -inf)
     l = l * correction + warp_sum(p);
     if (dropout.enabled && visible) {  // on the normalised probabilities: l sums them all
-      const bool keep = dropout_keep(dropout.seed, dropout.offset, (bh * T + row) * T + key,
+      const bool keep = dropout_keep(dropout.seed, dropout.offset, bh * T + row, key, T,
                                      dropout.threshold);
       p = keep ? p * dropout.keep_scale : 0.0f;
     }
@@ -204,7 +192,7 @@ attention_backward_dkdv_fp32_kernel(const float* __restrict__ q, const float* __
       dp = warp_sum(dp);
       float p_dropped = p;
       if (dropout.enabled) {
-        const bool keep = dropout_keep(dropout.seed, dropout.offset, (bh * T + row) * T + key,
+        const bool keep = dropout_keep(dropout.seed, dropout.offset, bh * T + row, key, T,
                                        dropout.threshold);
         p_dropped = keep ? p * dropout.keep_scale : 0.0f;
         dp = keep ? dp * dropout.keep_scale : 0.0f;
@@ -297,7 +285,7 @@ attention_backward_dq_fp32_kernel(const float* __restrict__ q, const float* __re
       }
       const float p = expf(s * scale - row_lse);
       if (dropout.enabled) {
-        const bool keep = dropout_keep(dropout.seed, dropout.offset, (bh * T + row) * T + key,
+        const bool keep = dropout_keep(dropout.seed, dropout.offset, bh * T + row, key, T,
                                        dropout.threshold);
         dp = keep ? dp * dropout.keep_scale : 0.0f;
       }
@@ -425,113 +413,22 @@ __device__ __forceinline__ void warp_store_16x16(Out* global, const FragAcc& acc
   __syncwarp();  // scratch is reused next
 }
 
-template <typename Elem, int D>
-constexpr int forward_tc_smem() {
-  return 3 * kTile * (D + kPad) * sizeof(Elem) + kTile * kLdScores * sizeof(float) +
-         kTile * (D + 4) * sizeof(float) + kTile * kLdProbs * sizeof(Elem);
-}
-
-// q, k, v, out: (B*H, T, D) 16-bit; lse: (B*H, T) fp32.
-// grid: (B*H, ceil(T / kTile)); block: kTcWarps * 32; shared: forward_tc_smem<Elem, D>().
-template <typename Elem, int D>
-__global__ void __launch_bounds__(kTcWarps * 32, 1)
-attention_forward_tc_kernel(const Elem* __restrict__ q, const Elem* __restrict__ k,
-                            const Elem* __restrict__ v, Elem* __restrict__ out,
-                            float* __restrict__ lse, int64_t T, float scale,
-                            DropoutArgs dropout) {
-  constexpr int ld = D + kPad, ld_out = D + 4;
-  FASTGPT_DYNAMIC_SHARED(smem);
-  Elem* q_s = reinterpret_cast<Elem*>(smem);
-  Elem* k_s = q_s + kTile * ld;
-  Elem* v_s = k_s + kTile * ld;
-  float* s_s = reinterpret_cast<float*>(v_s + kTile * ld);  // scores, kTile x kLdScores
-  float* o_s = s_s + kTile * kLdScores;                      // output accumulator
-  Elem* p_s = reinterpret_cast<Elem*>(o_s + kTile * ld_out); // probabilities
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, base = bh * T * D;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t q_last = (q0 + kTile < T ? q0 + kTile : T) - 1;
-  const int r = warp * 16 + lane / 2, half = lane % 2;  // this lane: row r, 32 columns
-  const int64_t row = q0 + r;
-  const int64_t seen = row < T ? row : T - 1;  // rows past T: any finite stand-in
-  float* s_row = s_s + r * kLdScores + half * 32;
-  Elem* p_row = p_s + r * kLdProbs + half * 32;
-  float* o_row = o_s + r * ld_out + half * (D / 2);
-
-  load_tile<D>(q_s, q + base, q0, T);
-  for (int idx = threadIdx.x; idx < kTile * ld_out; idx += kTcWarps * 32) o_s[idx] = 0.0f;
-  float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
-  for (int64_t k0 = 0; k0 <= q_last; k0 += kTile) {  // k0 <= q0: key k0 is in every row's past
-    __syncthreads();  // the previous tile is consumed (and q_s, o_s written, the first time)
-    load_tile<D>(k_s, k + base, k0, T);
-    load_tile<D>(v_s, v + base, k0, T);
-    __syncthreads();
-    warp_a_bt<D>(s_s + warp * 16 * kLdScores, q_s + warp * 16 * ld, k_s);
-    __syncwarp();
-    // this lane's columns k0 + half * 32 + c: the first `visible` of them are in the row's past
-    const int visible = columns_seen(seen, k0 + half * 32);
-    float tile_max = -std::numeric_limits<float>::infinity();
-#pragma unroll 4
-    for (int c = 0; c < 32; ++c) {
-      if (c < visible) tile_max = fmaxf(tile_max, s_row[c] * scale);
-    }
-    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1)));
-    const float correction = expf(m - m_new);  // 0 on the first tile (m = -inf)
-    const int64_t index0 = (bh * T + row) * T + k0 + half * 32;  // dropout index of column 0
-    float sum = 0.0f;
-#pragma unroll 4
-    for (int c = 0; c < 32; ++c) {
-      float p = c < visible ? expf(s_row[c] * scale - m_new) : 0.0f;
-      sum += p;  // l sums the undropped probabilities
-      if (dropout.enabled && row < T && c < visible) {
-        p = dropout_keep(dropout.seed, dropout.offset, index0 + c, dropout.threshold)
-                ? p * dropout.keep_scale : 0.0f;
-      }
-      p_row[c] = to_elem(p, Elem());
-    }
-    l = l * correction + sum + __shfl_xor_sync(kFullMask, sum, 1);
-    m = m_new;
-    for (int d = 0; d < D / 2; ++d) o_row[d] *= correction;
-    __syncwarp();
-    FragAcc acc[D / 16];
-#pragma unroll
-    for (int nd = 0; nd < D / 16; ++nd) {
-      wmma::load_matrix_sync(acc[nd], o_s + warp * 16 * ld_out + nd * 16, ld_out,
-                             wmma::mem_row_major);
-    }
-    warp_acc_ab<D, wmma::row_major>(acc, p_s + warp * 16 * kLdProbs, kLdProbs, v_s);
-#pragma unroll
-    for (int nd = 0; nd < D / 16; ++nd) {
-      wmma::store_matrix_sync(o_s + warp * 16 * ld_out + nd * 16, acc[nd], ld_out,
-                              wmma::mem_row_major);
-    }
-  }
-  __syncwarp();
-  if (row < T) {
-    const float inv_l = 1.0f / l;
-    for (int d = 0; d < D / 2; ++d) {
-      out[base + row * D + half * (D / 2) + d] = to_elem(o_row[d] * inv_l, Elem());
-    }
-    if (half == 0) lse[bh * T + row] = m + logf(l);
-  }
-}
-
 // The backward's elementwise step for this lane's row and 32 columns of a tile (the first
 // `visible` in the row's past; 0 for rows past T): from the scores s and dP = dO v^T (fp32),
 // P = exp(s * scale - lse), the dropped P and dP, and dS = P * (dP - Dr); writes the dropped
-// P (if p_row) and dS. index0: the dropout index of column 0.
+// P (if p_row) and dS. Dropout: row row_index (bh * T + row) of T keys, column 0 = key key0.
 template <typename Elem>
 __device__ __forceinline__ void softmax_grad_row(const float* s_row, const float* dp_row,
                                                  Elem* p_row, Elem* ds_row, int visible,
-                                                 float row_lse, float row_dr, int64_t index0,
+                                                 float row_lse, float row_dr, int64_t row_index,
+                                                 int64_t key0, int64_t T,
                                                  float scale, DropoutArgs dropout) {
 #pragma unroll 4
   for (int c = 0; c < 32; ++c) {
     const float p = c < visible ? expf(s_row[c] * scale - row_lse) : 0.0f;
     float p_dropped = p, dp = dp_row[c];
     if (dropout.enabled && c < visible) {
-      const bool keep = dropout_keep(dropout.seed, dropout.offset, index0 + c,
+      const bool keep = dropout_keep(dropout.seed, dropout.offset, row_index, key0 + c, T,
                                      dropout.threshold);
       p_dropped = keep ? p * dropout.keep_scale : 0.0f;
       dp = keep ? dp * dropout.keep_scale : 0.0f;
@@ -605,7 +502,7 @@ attention_backward_dkdv_tc_kernel(const Elem* __restrict__ q, const Elem* __rest
     softmax_grad_row(s_s + r * kLdScores + half * 32, dp_s + r * kLdScores + half * 32,
                      p_s + r * kLdProbs + half * 32, ds_s + r * kLdProbs + half * 32,
                      row < T ? columns_seen(row, k0 + half * 32) : 0, lse_s[r], dr_s[r],
-                     (bh * T + row) * T + k0 + half * 32, scale, dropout);
+                     bh * T + row, k0 + half * 32, T, scale, dropout);
     __syncthreads();  // every Q row's P and dS, for the key rows' products
     // keys 16w..: dV += P^T dO, dK += dS^T Q (col_major reads of P and dS give the transposes)
     warp_acc_ab<D, wmma::col_major>(dv_acc, p_s + warp * 16, kLdProbs, do_s);
@@ -678,7 +575,7 @@ attention_backward_dq_tc_kernel(const Elem* __restrict__ q, const Elem* __restri
     softmax_grad_row(s_s + r * kLdScores + half * 32, dp_s + r * kLdScores + half * 32,
                      static_cast<Elem*>(nullptr), ds_s + r * kLdProbs + half * 32,
                      row < T ? columns_seen(row, k0 + half * 32) : 0, row_lse, row_dr,
-                     (bh * T + row) * T + k0 + half * 32, scale, dropout);
+                     bh * T + row, k0 + half * 32, T, scale, dropout);
     __syncwarp();
     warp_acc_ab<D, wmma::row_major>(dq_acc, ds_s + warp * 16 * kLdProbs, kLdProbs, k_s);
   }
@@ -718,6 +615,11 @@ Elem* ptr(const at::Tensor& t) {
   return reinterpret_cast<Elem*>(t.data_ptr());
 }
 
+// Where t's (batch, head) rows are: t is (B, H, T, D) with its last dimension contiguous.
+HeadLayout layout_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.size(1)};
+}
+
 dim3 grid_of(int64_t batch_heads, int64_t T, int64_t tile) {
   return dim3(static_cast<unsigned>(batch_heads), static_cast<unsigned>((T + tile - 1) / tile));
 }
@@ -754,10 +656,10 @@ void attention_forward_head_dim(const Launch& launch, const AttentionForward& a)
   }
   with_16bit_type(a.q.scalar_type(), [&](auto elem) {
     using Elem = decltype(elem);
-    launch(attention_forward_tc_kernel<Elem, D>, grid_of(batch_heads, T, kTile),
-           kTcWarps * 32, forward_tc_smem<Elem, D>(), ptr<const Elem>(a.q),
-           ptr<const Elem>(a.k), ptr<const Elem>(a.v), ptr<Elem>(a.out), ptr<float>(a.lse), T,
-           a.scale, a.dropout);
+    launch(attention_forward_mma_kernel<Elem, D>, grid_of(batch_heads, T, kMmaRows),
+           kMmaWarps * 32, forward_mma_smem<Elem, D>(), ptr<const Elem>(a.q), layout_of(a.q),
+           ptr<const Elem>(a.k), layout_of(a.k), ptr<const Elem>(a.v), layout_of(a.v),
+           ptr<Elem>(a.out), ptr<float>(a.lse), T, a.scale, a.dropout);
   });
 }
 

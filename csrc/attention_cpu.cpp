@@ -23,10 +23,15 @@ at::Tensor attention_dropout_mask_cpu(int64_t seed, int64_t offset, int64_t batc
   at::Tensor keep = at::empty({batch_heads, seq_len, seq_len}, at::kBool);
   bool* out = keep.data_ptr<bool>();
   const uint32_t threshold = dropout_threshold(p);
-  const int64_t n = keep.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = dropout_keep(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), i,
-                          threshold);
+  for (int64_t row = 0; row < batch_heads * seq_len; ++row) {
+    for (int64_t group = 0; group < (seq_len + 3) / 4; ++group) {
+      const uint32_t bits = dropout_keep4(static_cast<uint64_t>(seed),
+                                          static_cast<uint64_t>(offset), row, group, seq_len,
+                                          threshold);
+      for (int64_t key = 4 * group; key < 4 * group + 4 && key < seq_len; ++key) {
+        out[row * seq_len + key] = (bits >> (key % 4)) & 1u;
+      }
+    }
   }
   return keep;
 }

@@ -82,7 +82,7 @@ constexpr int forward_mma_smem() {
 // D) contiguous; lse: (B*H, T) fp32. grid: (B*H, ceil(T / kMmaRows)); block: kMmaWarps * 32;
 // shared: forward_mma_smem<Elem, D>().
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kMmaWarps * 32, D <= 64 ? 2 : 1)
+__global__ void __launch_bounds__(kMmaWarps * 32, 1)
 attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
                              const Elem* __restrict__ k, HeadLayout k_layout,
                              const Elem* __restrict__ v, HeadLayout v_layout,
@@ -141,6 +141,23 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
       cp_async_commit();
     }
     if (k0 <= first_row + 15) {  // warp-uniform: some key of the tile is in a row's past
+      // dropout bits first, while S's registers are free: lane t of a quad decides keys
+      // k0 + 8n + 4 (t % 2) .. + 3 of row rows[t / 2] for each n (nibble n of `mine`); lane
+      // t holds columns 2t, 2t + 1 of both rows, so it takes keep[r] from lane t / 2 (row 0)
+      // and 2 + t / 2 (row 1) of its quad
+      uint32_t keep[2] = {0, 0};
+      if (dropout.enabled) {
+        const int64_t row_index = bh * T + (t < 2 ? rows[0] : rows[1]);  // no dynamic index:
+        uint32_t mine = 0;                                                  // rows[] in registers
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+          mine |= dropout_keep4(dropout.seed, dropout.offset, row_index,
+                                (k0 + 8 * n) / 4 + t % 2, T, dropout.threshold) << (4 * n);
+        }
+        const int quad = lane & ~3;
+        keep[0] = __shfl_sync(kFullMask, mine, quad + t / 2);
+        keep[1] = __shfl_sync(kFullMask, mine, quad + 2 + t / 2);
+      }
       // S = Q K^T: lane l gives K row 16 np + 8 (l / 16) + l % 8, chunk 2 kk + (l / 8) % 2
       float s[kKeyTiles][4];
 #pragma unroll
@@ -190,17 +207,6 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
         }
       }
       if (dropout.enabled) {
-        // lane t of a quad decides keys k0 + 8n + 4 (t % 2) .. + 3 of row rows[t / 2] for each
-        // n (nibble n of `mine`); lane t holds columns 2t, 2t + 1 of both rows
-        uint32_t mine = 0;
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-          mine |= dropout_keep4(dropout.seed, dropout.offset, bh * T + rows[t / 2],
-                                (k0 + 8 * n) / 4 + t % 2, T, dropout.threshold) << (4 * n);
-        }
-        const int quad = lane & ~3;
-        const uint32_t keep[2] = {__shfl_sync(kFullMask, mine, quad + t / 2),
-                                  __shfl_sync(kFullMask, mine, quad + 2 + t / 2)};
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll

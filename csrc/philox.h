@@ -31,19 +31,30 @@ FASTGPT_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// The dropout decision for element `index` (int64, e.g. ((bh * T) + i) * T + j of the
-// (B*H, T, T) probabilities) of the call keyed by (seed, offset): element n takes word
-// n % 4 of the block for counter (n / 4, offset). Kept when the word is at least
-// threshold = p * 2^32 (dropout_threshold), i.e. with probability 1 - p.
-FASTGPT_HD bool dropout_keep(uint64_t seed, uint64_t offset, int64_t index, uint32_t threshold) {
-  const uint64_t block = static_cast<uint64_t>(index) >> 2;
+// Dropout of the (B*H, T, T) attention probabilities for the call keyed by (seed, offset):
+// row `row_index` (= bh * T + i) takes ceil(T / 4) Philox blocks, one per 4 consecutive keys,
+// and key j takes word j % 4 of the block for counter (row_index * ceil(T / 4) + j / 4,
+// offset). A key is kept when its word is at least threshold = p * 2^32
+// (dropout_threshold), i.e. with probability 1 - p. One Philox call decides 4 keys: the
+// kernels use all 4 words.
+
+// Bit w (w = 0..3) set: key 4 * group + w of the row is kept.
+FASTGPT_HD uint32_t dropout_keep4(uint64_t seed, uint64_t offset, int64_t row_index,
+                                  int64_t group, int64_t T, uint32_t threshold) {
+  const uint64_t block = static_cast<uint64_t>(row_index) * static_cast<uint64_t>((T + 3) / 4) +
+                         static_cast<uint64_t>(group);
   const Uint4 r = philox4x32_10(
       Uint4{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
             static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  // a select, not an indexed array: an array would live in local memory on the GPU
-  const uint32_t word = (index & 2) ? ((index & 1) ? r.w : r.z) : ((index & 1) ? r.y : r.x);
-  return word >= threshold;
+  return static_cast<uint32_t>(r.x >= threshold) | static_cast<uint32_t>(r.y >= threshold) << 1 |
+         static_cast<uint32_t>(r.z >= threshold) << 2 | static_cast<uint32_t>(r.w >= threshold) << 3;
+}
+
+// Whether key `key` of row `row_index` is kept (the CUDA-core kernels: one key at a time).
+FASTGPT_HD bool dropout_keep(uint64_t seed, uint64_t offset, int64_t row_index, int64_t key,
+                             int64_t T, uint32_t threshold) {
+  return (dropout_keep4(seed, offset, row_index, key / 4, T, threshold) >> (key % 4)) & 1u;
 }
 
 // p in [0, 1) -> the word threshold below which an element is dropped.

@@ -136,11 +136,13 @@ def test_the_dropout_mask_is_a_pure_function_of_seed_offset_and_index(cpu_extens
     assert torch.equal(keep, mask(1234, 7, 6, 33, 0.1))          # regenerated identically
     assert not torch.equal(keep, mask(1234, 8, 6, 33, 0.1))      # the next call's offset
     assert not torch.equal(keep, mask(1235, 7, 6, 33, 0.1))
-    # element n is word n % 4 of Philox block (n // 4, offset) keyed by the seed
-    flat = keep.flatten()
-    for n in (0, 1, 2, 3, 4, 4001, flat.numel() - 1):
-        words = cpu_extension.philox4x32_10(n // 4, 0, 7, 0, 1234, 0)
-        assert flat[n].item() == (words[n % 4] >= int(0.1 * 2**32)), n
+    # key j of row r (= bh * T + i) is word j % 4 of Philox block
+    # (r * ceil(T / 4) + j // 4, offset) keyed by the seed: 4 keys of a row per call
+    rows = keep.view(6 * 33, 33)
+    for r, j in ((0, 0), (0, 1), (0, 3), (0, 4), (1, 0), (1, 32), (5 * 33 + 7, 30),
+                 (6 * 33 - 1, 32)):
+        words = cpu_extension.philox4x32_10(r * 9 + j // 4, 0, 7, 0, 1234, 0)
+        assert rows[r, j].item() == (words[j % 4] >= int(0.1 * 2**32)), (r, j)
     # the first head's mask does not depend on how many heads follow it
     assert torch.equal(mask(1234, 7, 1, 33, 0.1), keep[:1])
 

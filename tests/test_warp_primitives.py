@@ -147,3 +147,19 @@ def test_a_read_before_cp_async_wait_sees_the_fill(kernels_on_cpu):
     t = torch.arange(64)
     on_time = kernels_on_cpu.planted("reads_before_the_wait", True, 2)
     assert torch.equal(on_time, torch.cat([64 * b + 4 * (t % 16) for b in range(2)]).float())
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_the_tiles_swizzle_gives_ldmatrix_eight_bank_groups(kernels_on_cpu, D):
+    """csrc/attention_mma.cuh stores 16-byte chunk c of a tile row at chunk c ^ f(row): a
+    permutation of each row's chunks, such that ldmatrix's 8 rows (any 8 consecutive from a
+    multiple of 8) of one chunk fall in 8 different 16-byte groups of the 32 banks (128
+    bytes): no bank conflicts."""
+    chunks = D // 8
+    for row in range(64):
+        offsets = {kernels_on_cpu.swizzled(D, row, c) for c in range(chunks)}
+        assert offsets == {row * D + 8 * c for c in range(chunks)}, row
+    for first in range(0, 64, 8):
+        for c in range(chunks):
+            groups = {(2 * kernels_on_cpu.swizzled(D, first + j, c) // 16) % 8 for j in range(8)}
+            assert len(groups) == 8, (first, c, groups)

@@ -554,6 +554,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tile"), py::arg("offsets"), py::arg("matrices"), py::arg("trans"));
   m.def("product", &product, "a @ b through cp.async, ldmatrix and mma_m16n8k16",
         py::arg("a"), py::arg("b"), py::arg("b_rows"));
+  m.def("swizzled", [](int64_t D, int64_t row, int64_t chunk) {
+    TORCH_CHECK(D == 32 || D == 64 || D == 128, "swizzled: D 32, 64 or 128");
+    const int r = static_cast<int>(row), c = static_cast<int>(chunk);
+    return D == 32 ? fastgpt::swizzled<32>(r, c) : D == 64 ? fastgpt::swizzled<64>(r, c)
+                                                            : fastgpt::swizzled<128>(r, c);
+  }, "csrc/attention_mma.cuh's swizzled<D>(row, chunk): an element offset in a tile",
+        py::arg("D"), py::arg("row"), py::arg("chunk"));
   m.def("write_one", &write_one, "a kernel writes element index of an n-element buffer");
   m.def("planted", &planted, "runs a planted race (fixed=False) or its fixed twin",
         py::arg("kernel"), py::arg("fixed"), py::arg("blocks") = 1,
