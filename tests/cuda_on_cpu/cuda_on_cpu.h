@@ -1,6 +1,6 @@
 // CUDA on the CPU, just enough of it to run csrc/'s kernels (attention.cuh, adamw.cuh)
 // unchanged: so that CI, which has no GPU, executes the very index arithmetic, tiling,
-// synchronisation and WMMA data flow that the GPU runs, against the tiled Python twin, the
+// synchronisation and tensor-core data flow that the GPU runs, against the tiled Python twin, the
 // explicit reference and torch.optim.AdamW.
 //
 // Model: blocks run one after another; a block's threads are fibers (ucontext) on one OS
@@ -14,12 +14,12 @@
 // memory nothing wrote shows up. Racecheck (racecheck.h) watches every access of shared
 // memory and of the global buffers a test names, and reports two threads touching a byte
 // with no barrier between them, as compute-sanitizer's racecheck does on a GPU.
-// Warp collectives: __shfl_*_sync and __syncwarp wait for the warp's 32 lanes; a WMMA
-// fragment holds the whole 16x16 tile in every lane (the kernels never index fragments), its
-// loads wait for the warp, and each lane stores the elements a GPU lane holds (mma.sync's
-// layout), without a trailing wait: a lane that reads another lane's part of a stored tile
-// without __syncwarp may read stale data, as on a GPU.
-// Tensor-core products are fp32 sums of the 16-bit inputs' exact products.
+// Warp collectives: __shfl_*_sync and __syncwarp wait for the warp's 32 lanes. csrc/mma.cuh's
+// PTX instructions (at the end of this file), lane by lane as the PTX ISA defines them:
+// mma.sync m16n8k16 takes each A and B element from the lane that holds it on a GPU (a
+// layout mistake computes a wrong product), as fp32 sums of the exact products; ldmatrix
+// reads each lane's elements from the rows whose addresses the ISA's lanes give; cp.async
+// data lands at the wait_group that covers it, its destination reading 0xFF until then.
 //
 // Not modelled: the memory model beyond barrier epochs (no reordering of one thread's own
 // accesses, no visibility delays), bank conflicts, timing. Include this before the kernels;
@@ -188,7 +188,7 @@ class Block {
     wait_for_warp();
     ++fibers_[current_].who.warp_epoch;
   }
-  // A warp collective that exchanges values (shuffles, WMMA): waits for the warp, orders no
+  // A warp collective that exchanges values (shuffles, mma, ldmatrix): waits for the warp, orders no
   // memory.
   CUDA_ON_CPU_INTERNAL void wait_for_warp() { wait(warp_barriers_[current_ / kWarpSize]); }
 
@@ -423,10 +423,6 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
   }
 }
 
-inline float to_float(float x) { return x; }
-inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-inline float to_float(__half x) { return __half2float(x); }
-
 }  // namespace cuda_on_cpu
 
 // --- the device functions the kernels call ---
@@ -454,119 +450,6 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
 inline float atomicAdd(float* address, float value) {
   return std::atomic_ref<float>(*address).fetch_add(value);
 }
-
-namespace nvcuda::wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-// The whole 16x16 tile in every lane.
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 is modelled");
-  static constexpr int num_elements = 256;
-  T x[256];
-};
-
-}  // namespace nvcuda::wmma
-
-namespace cuda_on_cpu {
-
-// The lane that holds element (i, j) of a tile (matrix_a, accumulator: row i, column j;
-// matrix_b: k = i, column j) on a GPU, after mma.sync m16n8k16's fragment layouts (WMMA's are
-// opaque; these are what sm_80/sm_90 use): lane 4 * (row % 8) + (k or column % 8) / 2.
-// Racecheck sees a lane load and store only the elements it holds.
-template <typename Use>
-int fragment_lane(int i, int j) {
-  if constexpr (std::is_same_v<Use, nvcuda::wmma::matrix_b>) return 4 * (j % 8) + (i % 8) / 2;
-  else return 4 * (i % 8) + (j % 8) / 2;
-}
-
-// A load that racecheck does not see.
-template <typename T>
-CUDA_ON_CPU_INTERNAL T unwatched_load(const T* p) {
-  return *p;
-}
-
-// Every lane gets the whole tile (element (i, j) at element_at(i, j)); racecheck sees the
-// lane read only the elements it would hold on a GPU (told explicitly: a conditional plain
-// load would be hoisted by the compiler, and seen for every element).
-template <typename Use, typename T, typename Source, typename At>
-CUDA_ON_CPU_INTERNAL void load_tile(T (&x)[256], const Source* p, At element_at) {
-  Block::current_block()->wait_for_warp();  // a warp collective
-  const int lane = Block::current_block()->lane();
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      const Source* at = p + element_at(i, j);
-      x[i * 16 + j] = unwatched_load(at);
-      if (fragment_lane<Use>(i, j) == lane) racecheck::access(at, sizeof(Source), false);
-    }
-  }
-}
-
-}  // namespace cuda_on_cpu
-
-namespace nvcuda::wmma {
-
-template <typename Use, typename T, typename Layout>
-CUDA_ON_CPU_INTERNAL void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
-  for (T& e : f.x) e = static_cast<T>(value);
-}
-
-// matrix_a / matrix_b: element (i, j) at p[i * ld + j] (row_major) or p[j * ld + i].
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
-  cuda_on_cpu::load_tile<Use>(f.x, p, [ld](int i, int j) {
-    return std::is_same_v<Layout, row_major> ? i * ld + j : j * ld + i;
-  });
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ld, layout_t layout) {
-  cuda_on_cpu::load_tile<accumulator>(f.x, p, [ld, layout](int i, int j) {
-    return layout == mem_row_major ? i * ld + j : j * ld + i;
-  });
-}
-
-// Each lane stores the elements it holds on a GPU (every lane holds the same tile here), with
-// no trailing wait: a lane that reads another lane's part of a stored tile without a
-// __syncwarp may read stale data, as on a GPU, and racecheck reports it.
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ld, layout_t layout) {
-  cuda_on_cpu::Block::current_block()->wait_for_warp();  // a warp collective
-  const int lane = cuda_on_cpu::Block::current_block()->lane();
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      if (cuda_on_cpu::fragment_lane<accumulator>(i, j) != lane) continue;
-      (layout == mem_row_major ? p[i * ld + j] : p[j * ld + i]) = f.x[i * 16 + j];
-    }
-  }
-}
-
-// d = a b + c, fp32 sums of exact products (d may be c).
-template <typename T, typename LayoutA, typename LayoutB>
-CUDA_ON_CPU_INTERNAL void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-              const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
-              const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
-              const fragment<accumulator, 16, 16, 16, float>& c) {
-  float result[256];
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      float sum = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k) {
-        sum += cuda_on_cpu::to_float(a.x[i * 16 + k]) * cuda_on_cpu::to_float(b.x[k * 16 + j]);
-      }
-      result[i * 16 + j] = sum;
-    }
-  }
-  std::memcpy(d.x, result, sizeof(result));
-}
-
-}  // namespace nvcuda::wmma
 
 // 32-bit integer shuffles, through the float ones (the bits travel unchanged).
 inline unsigned __shfl_sync(unsigned mask, unsigned value, int source_lane) {

@@ -17,13 +17,14 @@
 // higher), or when they are lanes of one warp and a __syncwarp lies between them; accesses of
 // different blocks of one launch are never ordered (kernel launches are: the shadow starts
 // empty at each launch). A hazard is two unordered accesses of one byte, at least one a
-// write, neither an atomic. Warp collectives that only exchange values (shuffles, WMMA
-// loads/stores) order nothing, as on a GPU.
+// write, neither an atomic. Warp collectives that only exchange values (shuffles, mma,
+// ldmatrix) order nothing, as on a GPU.
 //
 // Approximations: two reads per byte are remembered (a third concurrent reader may hide a
-// hazard with the write that follows); WMMA loads and stores are seen as each lane touching
-// the elements it holds in mma.sync's fragment layout (the WMMA layout is opaque); mixed
-// atomic and plain accesses of one byte are not checked.
+// hazard with the write that follows); ldmatrix is seen as each lane reading the elements it
+// receives (the lanes that give the row addresses are not charged); a cp.async as its
+// thread's write of the destination both when it starts and when its wait_group completes;
+// mixed atomic and plain accesses of one byte are not checked.
 #pragma once
 
 #include <cxxabi.h>
