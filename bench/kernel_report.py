@@ -191,7 +191,7 @@ INSTRUCTION_CLASSES = [
      lambda op: _is(op, "HMMA", "HGMMA")),
     ("LDSM", "tile loads from shared memory into tensor-core fragments (ldmatrix)",
      lambda op: _is(op, "LDSM")),
-    ("MOVM", "in-register matrix transposes (what WMMA does with tiles not read by LDSM)",
+    ("MOVM", "in-register matrix transposes (what WMMA made of bf16 tiles not read by LDSM)",
      lambda op: _is(op, "MOVM")),
     ("LDG.128", "global loads, 128 bits a thread", lambda op: _is(op, "LDG") and _width(op) == 128),
     ("LDG.64", "global loads, 64 bits", lambda op: _is(op, "LDG") and _width(op) == 64),
@@ -323,7 +323,13 @@ def _split_arguments(text: str) -> list[str]:
 
 
 def _evaluate(expression: str, names: dict[str, int]) -> int:
-    """An integer C++ expression of literals, names and + - * / ( ) (C++ integer division)."""
+    """An integer C++ expression of literals, names, + - * / ( ) (C++ integer division) and
+    one conditional `a <= b ? x : y` (comparisons < <= > >= ==)."""
+    conditional = re.fullmatch(r"([^?]*)\?([^:]*):(.*)", " ".join(expression.split()))
+    if conditional:
+        condition, chosen, other = conditional.groups()
+        return _evaluate(chosen if _evaluate_condition(condition, names) else other, names)
+
     def value(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
@@ -340,13 +346,19 @@ def _evaluate(expression: str, names: dict[str, int]) -> int:
     return value(ast.parse(" ".join(expression.split()), mode="eval").body)
 
 
+def _evaluate_condition(condition: str, names: dict[str, int]) -> bool:
+    left, operator, right = re.fullmatch(r"(.*?)(<=|>=|==|<|>)(.*)", condition).groups()
+    a, b = _evaluate(left, names), _evaluate(right, names)
+    return {"<=": a <= b, ">=": a >= b, "==": a == b, "<": a < b, ">": a > b}[operator]
+
+
 def _substitute(expression: str, source: str, names: dict[str, int], sizes: dict[str, int]) -> int:
     """Evaluate a launch's shared-bytes argument: sizeof(T) by `sizes`, calls of constexpr
     functions `f<...>()` by their `return ...;`, names by `names`, then the constexpr and
     `const int` definitions of `source`."""
     def call(found):
-        body = re.search(rf"constexpr int {found.group(1)}\(\)\s*\{{\s*return\s+(.*?);\s*\}}",
-                         source, re.S)
+        body = re.search(rf"constexpr int {found.group(1)}\(\)\s*\{{(?:\s*//[^\n]*)?\s*return\s+([^;]*);",
+                         source)
         if not body:
             raise ValueError(f"no constexpr function {found.group(1)} in the source")
         return f"({_substitute(body.group(1), source, names, sizes)})"
@@ -377,14 +389,16 @@ def dynamic_shared_memory(demangled: str, sources=None) -> int:
     kernel = found.group(1)
     actual = [a.strip() for a in found.group(2).split(",")] if found.lastindex == 2 else []
     values = set()
-    for path in sources or sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")):
+    paths = sources or sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh"))
+    library = "\n".join(Path(path).read_text() for path in paths)  # where names are defined
+    for path in paths:
         source = Path(path).read_text()
         for call in re.finditer(rf"\blaunch\(\s*{kernel}\b", source):
             args = _split_arguments(source[call.start() + len("launch("):])
-            values.add((source, args[0], args[3]))
+            values.add((library, args[0], args[3]))
         for call in re.finditer(rf"\b{kernel}(<[^<>]*>)?<<<", source):
             args = _split_arguments(source[call.end():].replace(">>>", ")", 1))
-            values.add((source, kernel + (call.group(1) or ""), args[2]))
+            values.add((library, kernel + (call.group(1) or ""), args[2]))
     if not values:
         raise ValueError(f"no launch of {kernel} in csrc/: dynamic_shared_memory() cannot "
                          "size it (update it for the new launch code)")
@@ -614,7 +628,10 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
             "- no local memory in any kernel (`local` 0, no `LDL`/`STL`), sm_80 and sm_90;",
             "- every Triton launch of the self-check compiles for sm_80 and sm_90;",
             "- `adamw_kernel`'s aligned path loads with 128-bit global loads;",
-            "- the fp16 tensor-core attention kernels load their WMMA tiles with `LDSM`;",
+            "- every bf16/fp16 attention kernel (csrc/attention_mma.cuh: forward, dK/dV, "
+            "deterministic dQ; D = 32, 64, 128) issues `HMMA`, loads tiles with `LDSM` and "
+            "copies them with `LDGSTS`, with no generic `LD.E` and no `MOVM`; the D = 64 "
+            "forward keeps at least 8 warps per SM;",
             "- `_scale_kernel` reads and writes 128 bits a thread when n is divisible by 16.",
             ""]
     return "\n".join(out)

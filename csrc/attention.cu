@@ -60,7 +60,6 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                 "attention: q, k, v must be on one CUDA device, got ", t->device());
     TORCH_CHECK(t->scalar_type() == dtype, "attention: q, k, v must have one dtype, got ", dtype,
                 " and ", t->scalar_type());
-    TORCH_CHECK(t->is_contiguous(), "attention: q, k, v must be contiguous");
   }
   const int64_t D = q.size(3);
   TORCH_CHECK(D == 32 || D == 64 || D == 128, "attention: head dim must be 32, 64 or 128, got ",
@@ -75,12 +74,6 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
               dropout_p);
 }
 
-// The tensor-core kernels read 16-byte vectors: a tensor whose storage offset breaks that
-// alignment is copied (a fresh allocation is aligned).
-at::Tensor aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -89,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           int64_t offset) {
   check_attention_inputs(q, k, v, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_forward_launches(CudaLaunch{q.get_device()}, aligned16(q), aligned16(k),
-                                    aligned16(v), scale, dropout_p, seed, offset);
+  return attention_forward_launches(CudaLaunch{q.get_device()}, q, k, v, scale, dropout_p, seed,
+                                    offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -100,18 +93,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   check_attention_inputs(q, k, v, dropout_p);
   for (const at::Tensor* t : {&out, &grad_out}) {
     TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() &&
-                    t->device() == q.device() && t->is_contiguous(),
-                "attention_backward: out and grad_out must be contiguous, of q's shape, dtype "
-                "and device, got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+                    t->device() == q.device(),
+                "attention_backward: out and grad_out must be of q's shape, dtype and device, "
+                "got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
   }
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == at::kFloat &&
-                  lse.device() == q.device() && lse.is_contiguous(),
-              "attention_backward: lse must be contiguous float32 (B, H, T) on q's device, got ",
+                  lse.device() == q.device(),
+              "attention_backward: lse must be float32 (B, H, T) on q's device, got ",
               lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  return attention_backward_launches(CudaLaunch{q.get_device()}, aligned16(q), aligned16(k),
-                                     aligned16(v), out, lse, aligned16(grad_out), scale,
-                                     dropout_p, seed, offset, deterministic);
+  return attention_backward_launches(CudaLaunch{q.get_device()}, q, k, v, out, lse, grad_out,
+                                     scale, dropout_p, seed, offset, deterministic);
 }
 
 }  // namespace fastgpt

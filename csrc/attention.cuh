@@ -330,6 +330,19 @@ Elem* ptr(const at::Tensor& t) {
   return reinterpret_cast<Elem*>(t.data_ptr());
 }
 
+// What the kernels read an input (B, H, T, D) as: the fp32 kernels, contiguous; the
+// tensor-core ones, the tensor itself if its last dimension is contiguous and every row
+// starts 16 bytes aligned (cp.async copies 16 bytes; e.g. the model's q, k, v, views of one
+// qkv projection), else an aligned contiguous copy.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t.contiguous();
+  bool aligned = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int dim = 0; dim < 3; ++dim) {  // a dimension of size 1 has no stride to speak of
+    aligned = aligned && (t.size(dim) == 1 || t.stride(dim) % 8 == 0);
+  }
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 // Where t's (batch, head) rows are: t is (B, H, T, D) with its last dimension contiguous.
 HeadLayout layout_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.size(1)};
@@ -436,14 +449,14 @@ void attention_backward_head_dim(const Launch& launch, const AttentionBackward& 
   });
 }
 
-// (out, lse) for checked q, k, v of shape (B, H, T, D) whose last dimension is contiguous
-// with 16-byte aligned rows (fp32: contiguous, see the struct above);
+// (out, lse) for checked q, k, v of shape (B, H, T, D), any strides (kernel_layout);
 // launch(kernel, grid, threads, shared_bytes, args...) runs each kernel.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> attention_forward_launches(
     const Launch& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     double scale, double dropout_p, int64_t seed, int64_t offset) {
-  const AttentionForward a{q, k, v, at::empty(q.sizes(), q.options()),
+  const AttentionForward a{kernel_layout(q), kernel_layout(k), kernel_layout(v),
+                           at::empty(q.sizes(), q.options()),
                            at::empty({q.size(0), q.size(1), q.size(2)},
                                      q.options().dtype(at::kFloat)),
                            static_cast<float>(scale), dropout_args(dropout_p, seed, offset)};
@@ -453,8 +466,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_launches(
   return {a.out, a.lse};
 }
 
-// (dq, dk, dv) for checked inputs as above, out (contiguous) and grad_out of q's shape and
-// dtype, lse (B, H, T) fp32; dQ by atomics unless deterministic.
+// (dq, dk, dv) for checked inputs as above, out and grad_out of q's shape and dtype, lse
+// (B, H, T) fp32; dQ by atomics unless deterministic.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_launches(
     const Launch& launch, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -463,7 +476,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_launches(
   const auto f32 = q.options().dtype(at::kFloat);
   const bool fp32 = q.scalar_type() == at::kFloat;
   const AttentionBackward a{
-      q, k, v, grad_out, out, lse,
+      kernel_layout(q), kernel_layout(k), kernel_layout(v), kernel_layout(grad_out),
+      out.contiguous(), lse.contiguous(),
       at::empty({q.size(0), q.size(1), q.size(2)}, f32),  // dr
       at::empty(q.sizes(), q.options()),                  // dq (zeroed by the Dr kernel if fp32 atomics)
       fp32 || deterministic ? at::Tensor() : at::empty(q.sizes(), f32),  // dq_accum

@@ -83,40 +83,68 @@ __device__ __forceinline__ void copy_tile_async(Elem* tile, const Elem* head, in
   }
 }
 
-// The warp's A fragments of rows row0..row0 + 15 of a tile (D-element rows, swizzled), one
-// per k-step of 16 columns: lane l gives row row0 + l % 16, chunk 2 kk + l / 16.
+// The warp's A fragment of rows row0..row0 + 15, columns 16 kk..16 kk + 15 of a tile
+// (D-element rows, swizzled): lane l gives row row0 + l % 16, chunk 2 kk + l / 16.
+template <int D, typename Elem>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const Elem* tile, int row0,
+                                                int kk) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix<4, false>(a, tile + swizzled<D>(row0 + lane % 16, 2 * kk + lane / 16));
+}
+
+// All D / 16 of them (the forward keeps Q's).
 template <int D, typename Elem>
 __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[D / 16][4], const Elem* tile,
                                                  int row0) {
-  const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix<4, false>(a[kk], tile + swizzled<D>(row0 + lane % 16, 2 * kk + lane / 16));
-  }
+  for (int kk = 0; kk < D / 16; ++kk) load_a_fragment<D>(a[kk], tile, row0, kk);
 }
 
-// acc (16 x kCols fp32, C layout) = A B^T, with A's rows in fragments and B^T = rows
-// b_row0.. of a tile (D-element rows, swizzled): K for S = Q K^T, Q for S^T = K Q^T. Lane l
-// gives B row b_row0 + 16 np + 8 (l / 16) + l % 8, chunk 2 kk + (l / 8) % 2.
-template <typename Elem, int D, int kCols>
-__device__ __forceinline__ void fragments_by_rows(float (&acc)[kCols / 8][4],
-                                                  const uint32_t (&a)[D / 16][4], const Elem* b,
-                                                  int b_row0) {
+// acc (16 x kCols fp32, C layout) = A B^T, where a_step(kk, a) puts A's fragment of k-step kk
+// (columns 16 kk..) in a, and B^T = rows b_row0.. of a tile (D-element rows, swizzled): K for
+// S = Q K^T, Q for S^T = K Q^T. Lane l gives B row b_row0 + 16 np + 8 (l / 16) + l % 8,
+// chunk 2 kk + (l / 8) % 2.
+template <typename Elem, int D, int kCols, typename AStep>
+__device__ __forceinline__ void a_by_rows(float (&acc)[kCols / 8][4], const AStep& a_step,
+                                          const Elem* b, int b_row0) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int n = 0; n < kCols / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    a_step(kk, a);
 #pragma unroll
     for (int np = 0; np < kCols / 16; ++np) {
       uint32_t f[4];
       ldmatrix<4, false>(f, b + swizzled<D>(b_row0 + 16 * np + 8 * (lane / 16) + lane % 8,
                                             2 * kk + (lane / 8) % 2));
       const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
-      mma_m16n8k16<Elem>(acc[2 * np], a[kk], b0);
-      mma_m16n8k16<Elem>(acc[2 * np + 1], a[kk], b1);
+      mma_m16n8k16<Elem>(acc[2 * np], a, b0);
+      mma_m16n8k16<Elem>(acc[2 * np + 1], a, b1);
     }
   }
+}
+
+// a_by_rows with A's fragments kept in registers (the forward's Q, loaded once).
+template <typename Elem, int D, int kCols>
+__device__ __forceinline__ void fragments_by_rows(float (&acc)[kCols / 8][4],
+                                                  const uint32_t (&a)[D / 16][4], const Elem* b,
+                                                  int b_row0) {
+  a_by_rows<Elem, D, kCols>(acc, [&](int kk, uint32_t (&a_k)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a_k[i] = a[kk][i];
+  }, b, b_row0);
+}
+
+// a_by_rows with A = rows a_row0..a_row0 + 15 of a tile, its fragment loaded one k-step at a
+// time (4 registers live, not D / 4: for the kernels short of registers).
+template <typename Elem, int D, int kCols>
+__device__ __forceinline__ void rows_by_rows(float (&acc)[kCols / 8][4], const Elem* a,
+                                             int a_row0, const Elem* b, int b_row0) {
+  a_by_rows<Elem, D, kCols>(acc, [&](int kk, uint32_t (&a_k)[4]) {
+    load_a_fragment<D>(a_k, a, a_row0, kk);
+  }, b, b_row0);
 }
 
 // acc (16 x kN fp32, C layout) += P B: P (16 x kK) from fp32 accumulators (C layout: those of
@@ -217,8 +245,8 @@ __device__ __forceinline__ void store_rows(Elem* dst, const float (&acc)[D / 8][
 }
 
 template <typename Elem, int D>
-constexpr int forward_mma_smem() {
-  return (kMmaRows + 4 * kMmaKeys) * D * static_cast<int>(sizeof(Elem));  // Q, K x 2, V x 2
+constexpr int forward_mma_smem() {  // Q, K x 2, V x 2
+  return (kMmaRows + 4 * kMmaKeys) * D * sizeof(Elem);
 }
 
 // q, k, v: (B, H, T, D) 16-bit with the given layouts (16-byte aligned rows); out: (B*H, T,
@@ -411,17 +439,17 @@ attention_backward_dq_convert_kernel(const float* __restrict__ dq_accum, Elem* _
 
 constexpr int kBwdWarps = 4;
 constexpr int kBwdKeys = 16 * kBwdWarps;  // keys per dK/dV block: 16 per warp
+// The query rows per step of the dK/dV walk (D = 128: fewer, for registers).
 template <int D>
-constexpr int backward_query_rows() {    // query rows per step of its walk
-  return D <= 64 ? 64 : 32;              // (D = 128: fewer, for registers)
+constexpr int backward_query_rows() {
+  return D <= 64 ? 64 : 32;
 }
 
+// K, V; Q and dO double-buffered; dS^T (keys x queries); lse and Dr double-buffered
 template <typename Elem, int D>
 constexpr int backward_dkdv_mma_smem() {
-  constexpr int kQ = backward_query_rows<D>();
-  // K, V; Q and dO double-buffered; dS^T (keys x queries); lse and Dr double-buffered
-  return (2 * kBwdKeys * D + 4 * kQ * D + kBwdKeys * kQ) * static_cast<int>(sizeof(Elem)) +
-         4 * kQ * static_cast<int>(sizeof(float));
+  return (2 * kBwdKeys * D + (4 * D + kBwdKeys) * backward_query_rows<D>()) * sizeof(Elem) +
+         4 * backward_query_rows<D>() * sizeof(float);
 }
 
 // dK, dV and (dq_accum not null) dQ by fp32 atomicAdd into dq_accum (zeroed), scale
@@ -510,13 +538,8 @@ attention_backward_dkdv_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layo
       uint32_t keep[4] = {0, 0, 0, 0};
       if (dropout.enabled) transposed_dropout_bits<kQTiles>(keep, dropout, bh, T, key0, q0);
       float s[kQTiles][4], dp[kQTiles][4];
-      {
-        uint32_t a[D / 16][4];
-        load_a_fragments<D>(a, k_s, warp * 16);
-        fragments_by_rows<Elem, D, kQ>(s, a, q_t, 0);    // S^T = K Q^T
-        load_a_fragments<D>(a, v_s, warp * 16);
-        fragments_by_rows<Elem, D, kQ>(dp, a, do_t, 0);  // dP^T = V dO^T
-      }
+      rows_by_rows<Elem, D, kQ>(s, k_s, warp * 16, q_t, 0);    // S^T = K Q^T
+      rows_by_rows<Elem, D, kQ>(dp, v_s, warp * 16, do_t, 0);  // dP^T = V dO^T
       const bool diagonal = q0 < key0 + 15;  // some (key, query) pair in the query's future
 #pragma unroll
       for (int n = 0; n < kQTiles; ++n) {
@@ -607,13 +630,14 @@ constexpr int kDqWarps = 4;
 constexpr int kDqRows = 16 * kDqWarps;  // query rows per deterministic dQ block
 
 template <typename Elem, int D>
-constexpr int backward_dq_mma_smem() {
-  return (2 * kDqRows + 4 * kMmaKeys) * D * static_cast<int>(sizeof(Elem));  // Q, dO, K x2, V x2
+constexpr int backward_dq_mma_smem() {  // Q, dO, K x 2, V x 2
+  return (2 * kDqRows + 4 * kMmaKeys) * D * sizeof(Elem);
 }
 
 // dQ without atomics (the deterministic backward): the forward's layout, a block per
 // kDqRows query rows walking the K/V tiles up to the diagonal; S = Q K^T, dP = dO V^T,
-// dS = P (dP - Dr) and dQ += dS K all in registers; dq (B*H, T, D) contiguous Elem, stored
+// dS = P (dP - Dr) and dQ += dS K in registers (Q's and dO's fragments reloaded from shared
+// memory per tile: kept, they would not fit in the registers at D = 128); dq (B*H, T, D) contiguous Elem, stored
 // once. grid: (B*H, ceil(T / kDqRows)), heaviest first; block: kDqWarps * 32; shared:
 // backward_dq_mma_smem<Elem, D>().
 template <typename Elem, int D>
@@ -626,7 +650,8 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
                                  Elem* __restrict__ dq, int64_t T, float scale,
                                  DropoutArgs dropout) {
   constexpr int kThreads = kDqWarps * 32;
-  constexpr int kKeyTiles = kMmaKeys / 8;
+  constexpr int kKeys = D <= 64 ? kMmaKeys : kMmaKeys / 2;  // per step (D = 128: registers)
+  constexpr int kKeyTiles = kKeys / 8;
   FASTGPT_DYNAMIC_SHARED(smem);
   Elem* q_s = reinterpret_cast<Elem*>(smem);
   Elem* do_s = q_s + kDqRows * D;
@@ -657,9 +682,6 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
   }
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t q_frag[D / 16][4], do_frag[D / 16][4];
-  load_a_fragments<D>(q_frag, q_s, warp * 16);
-  load_a_fragments<D>(do_frag, do_s, warp * 16);
 
   const float scale_log2 = scale * kLog2e;
   float dq_acc[D / 8][4];
@@ -676,18 +698,21 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
                                              v_layout.row_stride, k0 + kMmaKeys, T);
       cp_async_commit();
     }
-    if (k0 <= first_row + 15) {
+#pragma unroll
+    for (int part = 0; part < kMmaKeys / kKeys; ++part) {  // the tile kKeys keys at a time
+      const int64_t key0 = k0 + part * kKeys;
+      if (key0 > first_row + 15) break;  // warp-uniform: these keys are in every row's future
       uint32_t keep[2] = {0, 0};
-      if (dropout.enabled) row_dropout_bits<kKeyTiles>(keep, dropout, bh, T, rows, k0);
+      if (dropout.enabled) row_dropout_bits<kKeyTiles>(keep, dropout, bh, T, rows, key0);
       float s[kKeyTiles][4], dp[kKeyTiles][4];
-      fragments_by_rows<Elem, D, kMmaKeys>(s, q_frag, k_t, 0);    // S = Q K^T
-      fragments_by_rows<Elem, D, kMmaKeys>(dp, do_frag, v_t, 0);  // dP = dO V^T
-      const bool diagonal = k0 + kMmaKeys - 1 > first_row;
+      rows_by_rows<Elem, D, kKeys>(s, q_s, warp * 16, k_t, part * kKeys);    // S = Q K^T
+      rows_by_rows<Elem, D, kKeys>(dp, do_s, warp * 16, v_t, part * kKeys);  // dP = dO V^T
+      const bool diagonal = key0 + kKeys - 1 > first_row;
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t key = k0 + 8 * n + 2 * t + e % 2;
+          const int64_t key = key0 + 8 * n + 2 * t + e % 2;
           const bool future = diagonal && key > rows[e / 2];
           const float p = future ? 0.0f : exp2f(s[n][e] * scale_log2 - row_lse[e / 2]);
           float dp_dropped = dp[n][e];
@@ -695,7 +720,7 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
           s[n][e] = p * (dp_dropped - row_dr[e / 2]);  // dS
         }
       }
-      add_accumulators_by_rows<Elem, D, kMmaKeys>(dq_acc, s, k_t, 0);  // dQ += dS K
+      add_accumulators_by_rows<Elem, D, kKeys>(dq_acc, s, k_t, part * kKeys);  // dQ += dS K
     }
     if (tile + 1 < tiles) {
       cp_async_wait<0>();

@@ -362,25 +362,31 @@ def test_the_cpu_run_catches_a_kernel_writing_outside_a_buffer(kernels_on_cpu):
         kernels_on_cpu.write_one(10, 10 + 4096)  # a tile row further
 
 
-# The CPU run's cases: (dtype, D, T, dropout_p), each through the forward and both backwards
-# (dQ by atomics, and by the deterministic dQ kernel). Tile edges: the fp32 kernels take
-# 32-key tiles and 4-row blocks, the tensor-core (bf16/fp16) ones 64-row, 64-key tiles; T =
-# 1, 63, 64, 65, 127, 128, 129 are edges of both (T = 65 and 129 leave a last tile of one
-# row: a loop bound off by one there drops it). Covered: each kernel family at every edge
-# (fp32 with the head dims in turn, bf16 at D = 32), every dtype x head dim pair, dropout
-# on and off in each dtype. Seconds per case on 2 cores under racecheck: fp32 T ~64 1.6,
-# T ~128 6; bf16 D = 32/64/128 at T = 129 2.8/5.5/10 (hence the larger head dims at fewer
-# edges); fp16 2-3. The whole grid about 55 s.
+# The CPU run's cases of the fp32 kernels: (dtype, D, T, dropout_p), each through the
+# forward and both backwards (dQ by atomics, and by the deterministic dQ kernel). They take
+# 32-key tiles and 4-row blocks; T = 1, 63, 64, 65, 127, 128, 129 are tile edges (T = 65 and
+# 129 leave a last tile of one row: a loop bound off by one there drops it), the head dims in
+# turn, dropout on and off. Seconds per case on 2 cores under racecheck: T ~64 1.6, T ~128 6.
 CPU_RUN_CASES = [
     (torch.float32, 32, 1, 0.1), (torch.float32, 64, 63, 0.0), (torch.float32, 128, 64, 0.1),
     (torch.float32, 32, 65, 0.0), (torch.float32, 64, 127, 0.1),
     (torch.float32, 128, 128, 0.0), (torch.float32, 32, 129, 0.1),
-    (torch.bfloat16, 32, 1, 0.0), (torch.bfloat16, 32, 63, 0.1), (torch.bfloat16, 32, 64, 0.0),
-    (torch.bfloat16, 32, 65, 0.1), (torch.bfloat16, 32, 127, 0.0),
-    (torch.bfloat16, 32, 128, 0.1), (torch.bfloat16, 32, 129, 0.0),
-    (torch.bfloat16, 64, 1, 0.1), (torch.bfloat16, 64, 64, 0.0), (torch.bfloat16, 64, 129, 0.1),
-    (torch.bfloat16, 128, 63, 0.1), (torch.bfloat16, 128, 65, 0.0),
-    (torch.float16, 32, 129, 0.1), (torch.float16, 64, 65, 0.0), (torch.float16, 128, 64, 0.1),
+]
+
+# The tensor-core (bf16/fp16, mma.sync) kernels' cases: every dtype x head dim x dropout 0 /
+# 0.1 at T = 1, 17, 64, 127, 128, 129, 255, 256 (the forward's 128-row blocks, the 64-key
+# K/V tiles, the backward's 64- and 32-row query tiles, and one past and one short of each),
+# through the forward and both backwards; at T = 1000 (16 K/V tiles, several double-buffer
+# rounds) the D = 64 cases and dropout 0.1 at the other head dims. One (batch, head) at
+# T = 1000, else B = 1, H = 2; every third case below T = 1000 takes q, k, v as the model
+# passes them (B = 2: transposed views of one (B, T, 3, H, D) projection) and grad_out
+# transposed, so that the kernels read through the strides. About 2 s per case at T <= 256
+# (D = 128 strided, 8 s), 6-28 s at T = 1000, on 2 cores under racecheck: 5 minutes in all.
+TENSOR_CORE_CASES = [
+    (dtype, D, T, p)
+    for dtype in (torch.bfloat16, torch.float16) for D in (32, 64, 128)
+    for T in (1, 17, 64, 127, 128, 129, 255, 256, 1000) for p in (0.0, 0.1)
+    if T < 1000 or D == 64 or p > 0
 ]
 
 
@@ -397,33 +403,70 @@ CPU_RUN_SCHEDULES = [("forward", 0), ("reversed", 0), ("shuffled", 5)]
     for i, case in enumerate(CPU_RUN_CASES)])
 def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
                                             dropout_p, schedule):
-    """The CUDA kernels themselves (fp32 ones, tensor-core ones through an emulated WMMA), run
-    fiber per thread: out, lse, dq, dk, dv against float64 by errors_against_fp64's rule, the
-    GPU tests' (FlashAttention's: twice torch's own error in the precision the kernel
-    computes in, plus a floor; its docstring gives each bound's reason and the errors
-    measured here), with dropout applied by the reference through the mask csrc/philox.h
-    gives for the same (seed, offset). Reads past an input give NaN, writes outside an
-    output and races (racecheck) fail the call (tests/cuda_on_cpu)."""
-    from fastgpt.ops.cuda_attention import errors_against_fp64
-
+    """The fp32 CUDA kernels themselves, run fiber per thread: out, lse, dq, dk, dv against
+    float64 by errors_against_fp64's rule, the GPU tests' (FlashAttention's: twice torch's
+    own error in the precision the kernel computes in, plus a floor; its docstring gives
+    each bound's reason and the errors measured here), with dropout applied by the reference
+    through the mask csrc/philox.h gives for the same (seed, offset). Reads past an input
+    give NaN, writes outside an output and races (racecheck) fail the call
+    (tests/cuda_on_cpu). Launches: Dr (and dQ's accumulator zeroed), dK/dV (with atomic dQ),
+    and the deterministic dQ kernel."""
     gen = torch.Generator().manual_seed(D + T)
     q, k, v, g = (torch.randn(1, 2, T, D, generator=gen).to(dtype) for _ in range(4))
-    scale, seed, offset = D ** -0.5, 1234 + T, 56 + D
+    run_on_cpu_against_fp64(kernels_on_cpu, q, k, v, g, dropout_p, 1234 + T, 56 + D, schedule,
+                            lambda deterministic: 3 if deterministic else 2)
+
+
+def run_on_cpu_against_fp64(kernels_on_cpu, q, k, v, g, dropout_p, seed, offset, schedule,
+                            backward_launches):
+    """The CUDA kernels run on the CPU (tests/cuda_on_cpu), forward and both backwards,
+    judged against float64 by errors_against_fp64."""
+    from fastgpt.ops.cuda_attention import errors_against_fp64
+
+    scale = q.shape[-1] ** -0.5
     order, schedule_seed = schedule
     out, lse, launches = kernels_on_cpu.forward(q, k, v, scale, dropout_p, seed, offset,
                                                 schedule=order, schedule_seed=schedule_seed)
     assert launches == 1
     for deterministic in (False, True):
-        dq, dk, dv, backward_launches = kernels_on_cpu.backward(
+        dq, dk, dv, launches = kernels_on_cpu.backward(
             q, k, v, out, lse, g, scale, dropout_p, seed, offset, deterministic,
             schedule=order, schedule_seed=schedule_seed)
-        # Dr (and the accumulator's zeros), dK/dV (and atomic dQ), then dQ's cast (16-bit) or
-        # the deterministic dQ kernel
-        want = (3 if deterministic else 2) if dtype == torch.float32 else 3
-        assert backward_launches == want
+        assert launches == backward_launches(deterministic)
         errors = errors_against_fp64(q, k, v, g, scale, dropout_p, seed=seed, offset=offset,
                                      results=dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv))
         assert set(errors) == {"out", "lse", "dq", "dk", "dv"}
         for name, c in errors.items():
             assert c.error <= c.bound, (f"{name} (deterministic={deterministic}): error "
                                         f"{c.error:.3g} > bound {c.bound:.3g}")
+
+
+@pytest.mark.parametrize("dtype, D, T, dropout_p, schedule, strided", [
+    pytest.param(*case, CPU_RUN_SCHEDULES[i % 3], strided,
+                 id=f"{str(case[0])[6:]}-D{case[1]}-T{case[2]}-p{case[3]:g}-"
+                    f"{CPU_RUN_SCHEDULES[i % 3][0]}{'-strided' if strided else ''}")
+    for i, case in enumerate(TENSOR_CORE_CASES)
+    for strided in [i % 3 == 0 and case[2] < 1000]])
+def test_tensor_core_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
+                                                   dropout_p, schedule, strided):
+    """csrc/attention_mma.cuh's kernels themselves, with mma.sync, ldmatrix and cp.async as the
+    PTX ISA defines them lane by lane: out, lse, dq, dk, dv against float64 by
+    errors_against_fp64's rule (FlashAttention's); reads past an input or between its rows
+    give NaN, writes outside an output and races fail the call. Launches: the forward; Dr,
+    dK/dV and dQ's cast (atomics) or the deterministic dQ kernel."""
+    gen = torch.Generator().manual_seed(D + T)
+    B, H = (2, 2) if strided else (1, 1 if T == 1000 else 2)
+    if strided:  # the model's views: (B, T, 3, H, D) -> q, k, v (B, H, T, D) with row stride 3HD
+        qkv = torch.randn(B, T, 3, H, D, generator=gen).to(dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        g = torch.randn(B, T, H, D, generator=gen).to(dtype).transpose(1, 2)
+        assert q.stride(2) == 3 * H * D and (T == 1 or not (q.is_contiguous() or g.is_contiguous()))
+    else:
+        q, k, v, g = (torch.randn(B, H, T, D, generator=gen).to(dtype) for _ in range(4))
+    run_on_cpu_against_fp64(kernels_on_cpu, q, k, v, g, dropout_p, 1234 + T, 56 + D, schedule,
+                            lambda deterministic: 3)
+
+
+def test_the_tensor_core_kernels_shared_memory_is_what_unsupported_checks(kernels_on_cpu):
+    from fastgpt.ops.cuda_attention import TENSOR_CORE_D128_SHARED_BYTES
+    assert kernels_on_cpu.tensor_core_shared_bytes(128) == TENSOR_CORE_D128_SHARED_BYTES

@@ -143,14 +143,24 @@ def test_adamw_aligned_path_uses_128_bit_global_loads(extension_kernels):
             assert mix["STG.128"] >= 2 and mix["STG.64"] >= 1, (arch, half, mix)
 
 
-def test_fp16_tensor_core_attention_kernels_load_tiles_with_ldsm(extension_kernels):
-    """Every fp16 kernel that uses the tensor cores loads its tiles with LDSM (ldmatrix).
-    The bf16 ones do not yet (generic LD.E and MOVM): the attention rewrite asserts those."""
+def test_tensor_core_attention_kernels_use_mma_ldmatrix_and_cp_async(extension_kernels):
+    """Issue 17: every bf16 and fp16 attention kernel of csrc/attention_mma.cuh (the forward,
+    dK/dV, the deterministic dQ; 3 head dims) issues HMMA, loads its tiles with LDSM
+    (ldmatrix) and copies them with LDGSTS (cp.async), and has no generic-address load
+    (LD.E: what WMMA's bf16 tiles compiled to before) anywhere; and the D = 64 forward keeps
+    at least 8 warps resident per SM (the occupancy rules of kernel_report.occupancy)."""
     for arch, kernels in extension_kernels.items():
-        tensor_core = [k for k in kernels if k.mix["HMMA"] > 0 and "<fp16" in k.name]
-        assert len(tensor_core) >= 3 * 3, (arch, [k.name for k in kernels])  # 3 kernels x 3 D
-        for k in tensor_core:
-            assert k.mix["LDSM"] > 0, (arch, k.name, k.mix)
+        mma = {k.name: k for k in kernels if "attention" in k.name and "_mma_kernel<" in k.name}
+        want = {f"attention_{part}_mma_kernel<{dtype}, {D}>"
+                for part in ("forward", "backward_dkdv", "backward_dq")
+                for dtype in ("bf16", "fp16") for D in (32, 64, 128)}
+        assert set(mma) == want, (arch, sorted(mma))
+        for name, k in mma.items():
+            assert k.mix["HMMA"] > 0 and k.mix["LDSM"] > 0 and k.mix["LDGSTS"] > 0, (arch, name, k.mix)
+            assert k.mix["LD.E"] == 0 and k.mix["MOVM"] == 0, (arch, name, k.mix)
+        for dtype in ("bf16", "fp16"):
+            forward = mma[f"attention_forward_mma_kernel<{dtype}, 64>"]
+            assert forward.occupancy.warps >= 8, (arch, forward.occupancy)
 
 
 def test_the_report_renders_every_kernel(extension_kernels, triton_kernels):
@@ -273,6 +283,16 @@ void launches(const Launch& launch) {
   launch(tile_kernel<Elem, D>, grid_of(bh, T, kTile), kTile * 2, shared_bytes, a->q);
 }
 void step() { scale_kernel<T><<<blocks, 512, 3 * 128, stream>>>(args); }
+// a comment, then a conditional
+template <int D>
+constexpr int rows_for() {
+  return D <= 64 ? 64 : 32;
+}
+template <typename Elem, int D>
+constexpr int walk_smem() {  // K, V
+  return (2 * kTile * D + 4 * rows_for<D>() * D) * sizeof(Elem);
+}
+void more() { launch(walk_kernel<Elem, D>, grid, 128, walk_smem<Elem, D>(), q); }
 """)
     read = lambda name: kernel_report.dynamic_shared_memory(name, sources=[source])
     assert read("void ns::tile_kernel<__nv_bfloat16, 32>(const __nv_bfloat16*)") == (
@@ -281,6 +301,8 @@ void step() { scale_kernel<T><<<blocks, 512, 3 * 128, stream>>>(args); }
         2 * 64 * 136 * 4 + 64 * 68 * 4) // 2
     assert read("void ns::plain_kernel<64>(const float*)") == 0
     assert read("void ns::scale_kernel<c10::Half>(int)") == 384
+    assert read("void ns::walk_kernel<__half, 64>(int)") == (2 * 64 * 64 + 4 * 64 * 64) * 2
+    assert read("void ns::walk_kernel<float, 128>(int)") == (2 * 64 * 128 + 4 * 32 * 128) * 4
     with pytest.raises(ValueError, match="no launch of missing_kernel"):
         read("void ns::missing_kernel<float>(int)")
 

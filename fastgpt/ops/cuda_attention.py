@@ -8,7 +8,10 @@ torch.compile draws it inside the graph) and regenerated identically in the back
 `dropout_mask` rebuilds the very mask of a call for tests.
 
 Inputs: q, k, v (B, H, T, D), all float32 (the CUDA-core kernels) or all bfloat16 / float16
-(the tensor-core kernels), D in {32, 64, 128}, any B, H and T >= 1, on one CUDA device.
+(the tensor-core kernels), D in {32, 64, 128}, any B, H and T >= 1, on one CUDA device, any
+strides: the tensor-core kernels read q, k, v and grad_out through their strides when the
+last dimension is contiguous and rows start 16-byte aligned (the model's transposed views of
+its qkv projection are), and copy them otherwise (csrc/attention.cuh's kernel_layout).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from torch.autograd.function import once_differentiable
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_T = 65535 * 4  # the fp32 kernels' grid: 65,535 blocks of 4 rows per (batch, head)
-# backward_tc_smem<Elem, 128>() in csrc/attention.cu: the shared memory of the largest
-# bf16/fp16 kernel (A100/H100 offer 163/227 KiB per block; RTX 30/40 cards only 99 KiB)
-TENSOR_CORE_D128_SHARED_BYTES = 123392
+# The shared memory of the largest bf16/fp16 kernel at head dim 128 (csrc/attention_mma.cuh:
+# the forward's and the deterministic dQ's, 96 KiB; tests/test_attention.py checks it against
+# the kernels' own sizes). A100/H100 offer 163/227 KiB per block, RTX 30/40 cards 99 KiB.
+TENSOR_CORE_D128_SHARED_BYTES = 98304
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -79,7 +83,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 @_forward_op.register_fake
 def _(q, k, v, scale, dropout_p, seed_offset):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastgpt::attention_backward_seeded", mutates_args=())
@@ -94,14 +98,13 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
 
 @_backward_op.register_fake
 def _(q, k, v, out, lse, grad_out, scale, dropout_p, seed_offset, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 class FusedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, dropout_p: float, deterministic: bool,
                 seed_offset: torch.Tensor):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = _forward_op(q, k, v, scale, dropout_p, seed_offset)
         ctx.save_for_backward(q, k, v, out, lse, seed_offset)
         ctx.args = (scale, dropout_p, deterministic)
@@ -112,7 +115,7 @@ class FusedCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, seed_offset = ctx.saved_tensors
         scale, dropout_p, deterministic = ctx.args
-        dq, dk, dv = _backward_op(q, k, v, out, lse, grad_out.contiguous(), scale, dropout_p,
+        dq, dk, dv = _backward_op(q, k, v, out, lse, grad_out, scale, dropout_p,
                                   seed_offset, deterministic)
         return dq, dk, dv, None, None, None, None
 
@@ -215,8 +218,8 @@ def errors_against_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         kernel = run(lambda *t: attention(*t, scale, dropout_p, deterministic, seed, offset),
                      (q, k, v))
-        kernel["lse"] = torch.ops.fastgpt.attention_forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), scale, dropout_p, seed, offset)[1]
+        kernel["lse"] = torch.ops.fastgpt.attention_forward(q, k, v, scale, dropout_p, seed,
+                                                            offset)[1]
 
     T, D = q.shape[-2], q.shape[-1]
     shift = _stored_output_shift(q, k, grad_out, scale, kernel["out"], exact)

@@ -19,6 +19,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <optional>
@@ -103,6 +104,27 @@ GuardedTensor guarded_like(const at::Tensor& t, const std::string& name, bool re
   return g;
 }
 
+// The same for an input read through its strides: a copy with t's sizes and strides (and its
+// address modulo 16) in a NaN-filled buffer, all of it watched as read only, so that a kernel
+// reading an element between t's rows or past its end gets NaN.
+GuardedTensor guarded_strided(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK(t.numel() > 0, name, " is empty");
+  int64_t extent = 1;  // elements from the first to the last of t, inclusive
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.stride(d) >= 0, name, " has a negative stride");
+    extent += (t.size(d) - 1) * t.stride(d);
+  }
+  const int64_t elem = t.element_size();
+  at::Tensor buffer = at::full({extent + 16 / elem + kGuard}, NAN, t.options());
+  racecheck::unwatch(buffer.data_ptr());  // a red-zone allocator's watch: replaced by this one
+  const int64_t misalignment = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
+  TORCH_CHECK(misalignment % elem == 0, name, " is not aligned to its element size");
+  const int64_t start = (misalignment - reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 16 + 16) % 16 / elem;
+  GuardedTensor g{buffer.as_strided(t.sizes(), t.strides(), start), {}};
+  g.view.copy_(t);
+  g.watched.push_back(std::make_unique<Watched>(buffer, name, true));
+  return g;
+}
 
 // The launcher given to the kernels' dispatch: runs each kernel on the CPU and counts.
 struct CpuLaunch {
@@ -123,9 +145,8 @@ std::tuple<at::Tensor, at::Tensor, int> attention_forward(
     int64_t schedule_seed, bool check_races) {
   CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
-  const GuardedTensor q_in = guarded_like(q.contiguous(), "q", true),
-                      k_in = guarded_like(k.contiguous(), "k", true),
-                      v_in = guarded_like(v.contiguous(), "v", true);
+  const GuardedTensor q_in = guarded_strided(q, "q"), k_in = guarded_strided(k, "k"),
+                      v_in = guarded_strided(v, "v");
   RedZoneScope red_zones;
   auto [out, lse] = fastgpt::attention_forward_launches(launch, q_in.view, k_in.view, v_in.view,
                                                         scale, dropout_p, seed, offset);
@@ -141,12 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int> attention_backward(
     int64_t schedule_seed, bool check_races) {
   CallScope call(schedule, schedule_seed, check_races);
   CpuLaunch launch;
-  const GuardedTensor q_in = guarded_like(q.contiguous(), "q", true),
-                      k_in = guarded_like(k.contiguous(), "k", true),
-                      v_in = guarded_like(v.contiguous(), "v", true),
-                      out_in = guarded_like(out.contiguous(), "out", true),
-                      lse_in = guarded_like(lse.contiguous(), "lse", true),
-                      grad_out_in = guarded_like(grad_out.contiguous(), "grad_out", true);
+  const GuardedTensor q_in = guarded_strided(q, "q"), k_in = guarded_strided(k, "k"),
+                      v_in = guarded_strided(v, "v"), out_in = guarded_strided(out, "out"),
+                      lse_in = guarded_strided(lse, "lse"),
+                      grad_out_in = guarded_strided(grad_out, "grad_out");
   RedZoneScope red_zones;
   auto [dq, dk, dv] = fastgpt::attention_backward_launches(
       launch, q_in.view, k_in.view, v_in.view, out_in.view, lse_in.view, grad_out_in.view, scale,
@@ -561,6 +580,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                             : fastgpt::swizzled<128>(r, c);
   }, "csrc/attention_mma.cuh's swizzled<D>(row, chunk): an element offset in a tile",
         py::arg("D"), py::arg("row"), py::arg("chunk"));
+  m.def("tensor_core_shared_bytes", [](int64_t D) {
+    int bytes = 0;
+    fastgpt::with_head_dim(D, [&](auto head_dim) {
+      constexpr int d = decltype(head_dim)::value;
+      bytes = std::max({fastgpt::forward_mma_smem<__nv_bfloat16, d>(),
+                        fastgpt::backward_dkdv_mma_smem<__nv_bfloat16, d>(),
+                        fastgpt::backward_dq_mma_smem<__nv_bfloat16, d>()});
+    });
+    return bytes;
+  }, "the most dynamic shared memory a bf16/fp16 attention kernel of head dim D asks for",
+        py::arg("D"));
   m.def("write_one", &write_one, "a kernel writes element index of an n-element buffer");
   m.def("planted", &planted, "runs a planted race (fixed=False) or its fixed twin",
         py::arg("kernel"), py::arg("fixed"), py::arg("blocks") = 1,
