@@ -179,9 +179,9 @@ __device__ __forceinline__ void add_accumulators_by_rows(float (&acc)[kN / 8][4]
 // 8n + 2t + e % 2 in its n-tile n): keep[r] bit 4n + 2 (t % 2) + e % 2 says whether (rows[r],
 // that key) is kept. Lane t of a quad decides keys k0 + 8n + 4 (t % 2) .. + 3 of row
 // rows[t / 2] for each n (nibble n of `mine`): one Philox call per 4 keys.
-template <int kKeyTiles>
+template <int kKeyTiles, typename Row>
 __device__ __forceinline__ void row_dropout_bits(uint32_t (&keep)[2], const DropoutArgs& dropout,
-                                                 int64_t bh, int64_t T, const int64_t (&rows)[2],
+                                                 int64_t bh, int64_t T, const Row (&rows)[2],
                                                  int64_t k0) {
   static_assert(kKeyTiles <= 8, "one nibble per n-tile in 32 bits");
   const int lane = threadIdx.x % 32, t = lane % 4;
@@ -253,7 +253,7 @@ constexpr int forward_mma_smem() {  // Q, K x 2, V x 2
 // D) contiguous; lse: (B*H, T) fp32. grid: (B*H, ceil(T / kMmaRows)); block: kMmaWarps * 32;
 // shared: forward_mma_smem<Elem, D>().
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kMmaWarps * 32, 1)
+__global__ void __launch_bounds__(kMmaWarps * 32, D <= 64 ? 2 : 1)
 attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
                              const Elem* __restrict__ k, HeadLayout k_layout,
                              const Elem* __restrict__ v, HeadLayout v_layout,
@@ -287,8 +287,9 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
   uint32_t q_frag[kSteps][4];  // the warp's 16 rows of Q, loaded once
   load_a_fragments<D>(q_frag, q_s, warp * 16);
 
-  const int64_t first_row = q0 + warp * 16;
-  const int64_t rows[2] = {first_row + g, first_row + g + 8};  // this lane's rows
+  // rows and keys fit in 32 bits (T < 2^31; the host checks): fewer registers than int64
+  const int first_row = static_cast<int>(q0) + warp * 16;
+  const int rows[2] = {first_row + g, first_row + g + 8};  // this lane's rows
   const float scale_log2 = scale * kLog2e;  // scores in log2 units: exp2f(s - m)
   float o[kDTiles][4];
 #pragma unroll
@@ -297,7 +298,7 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
   float l[2] = {0.0f, 0.0f};            // this lane's part of the running sum
 
   for (int tile = 0; tile < tiles; ++tile) {
-    const int64_t k0 = static_cast<int64_t>(tile) * kMmaKeys;
+    const int k0 = tile * kMmaKeys;
     const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
     const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
     if (tile + 1 < tiles) {  // the next tile into the other buffer (free: see the barrier below)
@@ -318,7 +319,7 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
       for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t key = k0 + 8 * n + 2 * t + e % 2;
+          const int key = k0 + 8 * n + 2 * t + e % 2;
           s[n][e] = diagonal && key > rows[e / 2] ? -INFINITY : s[n][e] * scale_log2;
         }
       }
