@@ -83,6 +83,19 @@ __device__ __forceinline__ void copy_tile_async(Elem* tile, const Elem* head, in
   }
 }
 
+// The K/V tile of keys first.. into buffer `buffer` (0 or 1) of k_s and v_s (each two buffers
+// of kMmaKeys x D): cp.async, not committed.
+template <int D, int kThreads, typename Elem>
+__device__ __forceinline__ void copy_kv_tile_async(Elem* k_s, Elem* v_s, int buffer,
+                                                   const Elem* k_head, int64_t k_row_stride,
+                                                   const Elem* v_head, int64_t v_row_stride,
+                                                   int64_t first, int64_t T) {
+  copy_tile_async<D, kMmaKeys, kThreads>(k_s + buffer * kMmaKeys * D, k_head, k_row_stride,
+                                         first, T);
+  copy_tile_async<D, kMmaKeys, kThreads>(v_s + buffer * kMmaKeys * D, v_head, v_row_stride,
+                                         first, T);
+}
+
 // The warp's A fragment of rows row0..row0 + 15, columns 16 kk..16 kk + 15 of a tile
 // (D-element rows, swizzled): lane l gives row row0 + l % 16, chunk 2 kk + l / 16.
 template <int D, typename Elem>
@@ -278,8 +291,8 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
 
   copy_tile_async<D, kMmaRows, kThreads>(q_s, q + q_layout.offset(bh), q_layout.row_stride, q0,
                                          T);
-  copy_tile_async<D, kMmaKeys, kThreads>(k_s, k_head, k_layout.row_stride, 0, T);
-  copy_tile_async<D, kMmaKeys, kThreads>(v_s, v_head, v_layout.row_stride, 0, T);
+  copy_kv_tile_async<D, kThreads>(k_s, v_s, 0, k_head, k_layout.row_stride, v_head,
+                                  v_layout.row_stride, 0, T);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -302,10 +315,8 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
     const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
     const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
     if (tile + 1 < tiles) {  // the next tile into the other buffer (free: see the barrier below)
-      copy_tile_async<D, kMmaKeys, kThreads>(k_s + ((tile + 1) % 2) * kMmaKeys * D, k_head,
-                                             k_layout.row_stride, k0 + kMmaKeys, T);
-      copy_tile_async<D, kMmaKeys, kThreads>(v_s + ((tile + 1) % 2) * kMmaKeys * D, v_head,
-                                             v_layout.row_stride, k0 + kMmaKeys, T);
+      copy_kv_tile_async<D, kThreads>(k_s, v_s, (tile + 1) % 2, k_head, k_layout.row_stride,
+                                      v_head, v_layout.row_stride, k0 + kMmaKeys, T);
       cp_async_commit();
     }
     if (k0 <= first_row + 15) {  // warp-uniform: some key of the tile is in a row's past
@@ -670,8 +681,8 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
   copy_tile_async<D, kDqRows, kThreads>(q_s, q + q_layout.offset(bh), q_layout.row_stride, q0, T);
   copy_tile_async<D, kDqRows, kThreads>(do_s, grad_out + grad_out_layout.offset(bh),
                                         grad_out_layout.row_stride, q0, T);
-  copy_tile_async<D, kMmaKeys, kThreads>(k_s, k_head, k_layout.row_stride, 0, T);
-  copy_tile_async<D, kMmaKeys, kThreads>(v_s, v_head, v_layout.row_stride, 0, T);
+  copy_kv_tile_async<D, kThreads>(k_s, v_s, 0, k_head, k_layout.row_stride, v_head,
+                                  v_layout.row_stride, 0, T);
   cp_async_commit();
   const int64_t first_row = q0 + warp * 16;
   const int64_t rows[2] = {first_row + g, first_row + g + 8};
@@ -693,10 +704,8 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
     const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
     const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
     if (tile + 1 < tiles) {
-      copy_tile_async<D, kMmaKeys, kThreads>(k_s + ((tile + 1) % 2) * kMmaKeys * D, k_head,
-                                             k_layout.row_stride, k0 + kMmaKeys, T);
-      copy_tile_async<D, kMmaKeys, kThreads>(v_s + ((tile + 1) % 2) * kMmaKeys * D, v_head,
-                                             v_layout.row_stride, k0 + kMmaKeys, T);
+      copy_kv_tile_async<D, kThreads>(k_s, v_s, (tile + 1) % 2, k_head, k_layout.row_stride,
+                                      v_head, v_layout.row_stride, k0 + kMmaKeys, T);
       cp_async_commit();
     }
 #pragma unroll

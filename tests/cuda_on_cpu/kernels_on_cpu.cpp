@@ -333,17 +333,23 @@ __global__ void reads_before_the_wait(float* out, float* in, bool fixed) {
   if (!fixed) fastgpt::cp_async_wait<0>();
 }
 
+// Thread t's chunk of shared memory (4 floats) <- in[64 b + 4 ((t + shift) % 16)..] of block
+// b, by cp.async, waited for.
+__device__ void copy_chunk(float* cells, const float* in, int shift) {
+  const int t = threadIdx.x;
+  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * ((t + shift) % 16), true);
+  fastgpt::cp_async_commit();
+  fastgpt::cp_async_wait<0>();
+}
+
 // Each thread copies a chunk and waits for it; then reads the other warp's chunk: needs a
 // __syncthreads between (the wait makes a copy visible to its own thread only).
 __global__ void copies_read_without_barrier(float* out, float* in, bool fixed) {
   FASTGPT_DYNAMIC_SHARED(smem);
   float* cells = reinterpret_cast<float*>(smem);
-  const int t = threadIdx.x;
-  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * (t % 16), true);
-  fastgpt::cp_async_commit();
-  fastgpt::cp_async_wait<0>();
+  copy_chunk(cells, in, 0);
   if (fixed) __syncthreads();
-  out[blockIdx.x * 64 + t] = cells[4 * ((t + 32) % 64)];
+  out[blockIdx.x * 64 + threadIdx.x] = cells[4 * ((threadIdx.x + 32) % 64)];
 }
 
 // Each thread reads the other warp's chunk, then starts the next copy into its own: needs
@@ -351,16 +357,11 @@ __global__ void copies_read_without_barrier(float* out, float* in, bool fixed) {
 __global__ void copies_over_cells_still_read(float* out, float* in, bool fixed) {
   FASTGPT_DYNAMIC_SHARED(smem);
   float* cells = reinterpret_cast<float*>(smem);
-  const int t = threadIdx.x;
-  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * (t % 16), true);
-  fastgpt::cp_async_commit();
-  fastgpt::cp_async_wait<0>();
+  copy_chunk(cells, in, 0);
   __syncthreads();
-  out[blockIdx.x * 64 + t] = cells[4 * ((t + 32) % 64)];
+  out[blockIdx.x * 64 + threadIdx.x] = cells[4 * ((threadIdx.x + 32) % 64)];
   if (fixed) __syncthreads();
-  fastgpt::cp_async_16(cells + 4 * t, in + blockIdx.x * 64 + 4 * ((t + 1) % 16), true);
-  fastgpt::cp_async_commit();
-  fastgpt::cp_async_wait<0>();
+  copy_chunk(cells, in, 1);
 }
 
 // Starts a copy and (unless fixed) never waits for it.
