@@ -175,9 +175,9 @@ def test_cuda_build_compiles_without_spills_and_registers_its_ops(cuda_build):
     # array would put a stack frame there)
     attention = [line for line in log.splitlines()
                  if "Function properties for" in line and "attention" in line]
-    # version 1 (fp32): forward, dK/dV, deterministic dQ; version 2 (bf16 and fp16) the same;
-    # each for head dims 32, 64, 128, on sm_80 and sm_90
-    assert len(attention) == (3 + 3 * 2) * 3 * 2, attention
+    # fp32: forward, dK/dV, deterministic dQ and the Dr kernel; bf16 and fp16: forward, Dr,
+    # dK/dV, dQ's cast, deterministic dQ; each for head dims 32, 64, 128, on sm_80 and sm_90
+    assert len(attention) == (4 + 5 * 2) * 3 * 2, attention
     frames = [log.splitlines()[i + 1] for i, line in enumerate(log.splitlines())
               if line in attention]
     assert all("0 bytes stack frame" in line for line in frames), frames

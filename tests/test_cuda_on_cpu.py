@@ -152,9 +152,10 @@ def test_a_failed_call_leaves_nothing_for_the_next(kernels_on_cpu):
 
 # --- attention under schedules -------------------------------------------------------------------
 
-# one case per kernel family and dtype, each with a last tile of one row (T = 65); fp16's
-# conversions run in software here (5x slower than bf16's), so its smallest head dim
-ATTENTION_CASES = [(torch.float32, 32, 65), (torch.bfloat16, 64, 65), (torch.float16, 32, 65)]
+# one case per kernel family and dtype: fp32 with a last 32-key tile of one row (T = 65);
+# bf16 with two forward blocks of 128 rows, four double-buffered K/V tiles and four dK/dV
+# blocks (T = 200); fp16 with a last 64-key tile and 128-row block of one row (T = 129)
+ATTENTION_CASES = [(torch.float32, 32, 65), (torch.bfloat16, 64, 200), (torch.float16, 32, 129)]
 
 
 @pytest.mark.parametrize("dtype, D, T", ATTENTION_CASES,

@@ -163,3 +163,21 @@ def test_the_tiles_swizzle_gives_ldmatrix_eight_bank_groups(kernels_on_cpu, D):
         for c in range(chunks):
             groups = {(2 * kernels_on_cpu.swizzled(D, first + j, c) // 16) % 8 for j in range(8)}
             assert len(groups) == 8, (first, c, groups)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_mma_reads_every_finite_16_bit_value_exactly(kernels_on_cpu, dtype):
+    """The model's conversion of the 16-bit operands to fp32 (bit manipulation, not the
+    CUDA headers' __half2float) is exact for every finite value, subnormals too: A times the
+    columns of the identity gives A back (as values: -0 comes back +0, the accumulator's
+    +0 added to it, as on a GPU)."""
+    torch_dtype = DTYPES[dtype]
+    patterns = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = patterns.view(torch_dtype)
+    values = values[torch.isfinite(values.float())]
+    values = torch.cat([values, values[:(-len(values)) % 256]])  # whole 16 x 16 tiles
+    eye = torch.eye(16, dtype=torch_dtype)
+    for tile in values.view(-1, 16, 16):
+        got = torch.cat([kernels_on_cpu.product(tile, eye[:, :8].contiguous(), True),
+                         kernels_on_cpu.product(tile, eye[:, 8:].contiguous(), True)], dim=1)
+        assert torch.equal(got, tile.float()), (tile, got)

@@ -470,15 +470,36 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned value, int lane_mask) {
 
 namespace cuda_on_cpu {
 
-CUDA_ON_CPU_INTERNAL inline float element_to_float(uint16_t bits, __nv_bfloat16) {
-  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+// (Inlined into the no_sanitize code that calls them: no CUDA_ON_CPU_INTERNAL, whose noipa
+// would make every conversion a call.)
+__attribute__((no_sanitize("thread"), always_inline)) inline float element_to_float(
+    uint16_t bits, __nv_bfloat16) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &word, sizeof(f));
+  return f;
 }
-CUDA_ON_CPU_INTERNAL inline float element_to_float(uint16_t bits, __half) {
-  return __half2float(__ushort_as_half(bits));
+__attribute__((no_sanitize("thread"), always_inline)) inline float element_to_float(
+    uint16_t bits, __half) {
+  // IEEE binary16 -> binary32, exactly (what __half2float computes)
+  const uint32_t sign = static_cast<uint32_t>(bits >> 15) << 31;
+  const int exponent = (bits >> 10) & 0x1F;
+  const uint32_t mantissa = bits & 0x3FF;
+  if (exponent == 0x1F) {  // inf, NaN
+    const uint32_t word = sign | 0x7F800000u | (mantissa << 13);
+    float f;
+    __builtin_memcpy(&f, &word, sizeof(f));
+    return f;
+  }
+  const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * 0x1p-24f  // subnormal
+                                        : __builtin_ldexpf(static_cast<float>(mantissa | 0x400),
+                                                           exponent - 25);
+  return sign ? -magnitude : magnitude;
 }
 
 // The 16-bit element `half` (0: low) of 32-bit register word.
-CUDA_ON_CPU_INTERNAL inline uint16_t half_of(uint64_t word, int half) {
+__attribute__((no_sanitize("thread"), always_inline)) inline uint16_t half_of(uint64_t word,
+                                                                               int half) {
   return static_cast<uint16_t>(word >> (16 * half));
 }
 
@@ -511,17 +532,23 @@ CUDA_ON_CPU_INTERNAL void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4],
   const uint64_t* warp = current->exchange(offer, 6);
   constexpr int W = cuda_on_cpu::Block::kExchangeWords;
   const int lane = current->lane(), g = lane / 4, t = lane % 4;
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
-    float sum = acc[e];
-    for (int k = 0; k < 16; ++k) {
+  // this lane's rows g, g + 8 of A and columns 2t, 2t + 1 of B, from the lanes that hold them
+  float a_rows[2][16], b_cols[2][16];
+  for (int k = 0; k < 16; ++k) {
+    for (int r = 0; r < 2; ++r) {
       // A(row, k): lane 4 (row % 8) + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2
+      const int row = g + 8 * r;
       const uint64_t a_word = warp[(4 * (row % 8) + (k % 8) / 2) * W + row / 8 + 2 * (k / 8)];
+      a_rows[r][k] = cuda_on_cpu::element_to_float(half_of(a_word, k % 2), Elem());
       // B(k, col): lane 4 col + (k % 8) / 2, register k / 8, half k % 2
+      const int col = 2 * t + r;
       const uint64_t b_word = warp[(4 * col + (k % 8) / 2) * W + 4 + k / 8];
-      sum += cuda_on_cpu::element_to_float(half_of(a_word, k % 2), Elem()) *
-             cuda_on_cpu::element_to_float(half_of(b_word, k % 2), Elem());
+      b_cols[r][k] = cuda_on_cpu::element_to_float(half_of(b_word, k % 2), Elem());
     }
+  }
+  for (int e = 0; e < 4; ++e) {  // C(g + 8 (e / 2), 2t + e % 2)
+    float sum = acc[e];
+    for (int k = 0; k < 16; ++k) sum += a_rows[e / 2][k] * b_cols[e % 2][k];
     acc[e] = sum;
   }
 }
