@@ -483,18 +483,17 @@ __attribute__((no_sanitize("thread"), always_inline)) inline float element_to_fl
     uint16_t bits, __half) {
   // IEEE binary16 -> binary32, exactly (what __half2float computes)
   const uint32_t sign = static_cast<uint32_t>(bits >> 15) << 31;
-  const int exponent = (bits >> 10) & 0x1F;
+  const uint32_t exponent = (bits >> 10) & 0x1F;
   const uint32_t mantissa = bits & 0x3FF;
-  if (exponent == 0x1F) {  // inf, NaN
-    const uint32_t word = sign | 0x7F800000u | (mantissa << 13);
-    float f;
-    __builtin_memcpy(&f, &word, sizeof(f));
-    return f;
+  if (exponent == 0) {  // zero, subnormal: mantissa * 2^-24, exact in fp32
+    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    return sign ? -magnitude : magnitude;
   }
-  const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * 0x1p-24f  // subnormal
-                                        : __builtin_ldexpf(static_cast<float>(mantissa | 0x400),
-                                                           exponent - 25);
-  return sign ? -magnitude : magnitude;
+  // normal: rebias the exponent (15 -> 127); inf and NaN keep the all-ones exponent
+  const uint32_t word = sign | (exponent == 0x1F ? 0xFFu : exponent + 112) << 23 | mantissa << 13;
+  float f;
+  __builtin_memcpy(&f, &word, sizeof(f));
+  return f;
 }
 
 // The 16-bit element `half` (0: low) of 32-bit register word.
