@@ -12,6 +12,7 @@ KERNELS = {
     "cross_entropy": "Triton fused softmax-cross-entropy",
     "adamw": "CUDA fused AdamW step",
     "causal_attention": "CUDA fused causal attention",
+    "linear_cross_entropy": "Triton fused linear + cross-entropy (chunked, no (N, V) logits)",
 }
 
 

@@ -12,6 +12,10 @@ below, which the tests use too:
 - bf16/fp16 gradients: FlashAttention's rule, the fused error against fp64 at most twice
   that of torch's F.cross_entropy in that dtype, plus the rounding bound of
   `rounding_bound`;
+- the fused linear + cross-entropy (loss and three gradients, fp32 and bf16):
+  twice_torchs_error, twice the error of torch's own F.linear + F.cross_entropy in that
+  dtype plus 1e-6 of the largest magnitude (and a rounding where "sum" rescales a bf16
+  gradient);
 - the training step (fp32): loss 1e-6 relative; each parameter's gradient 1e-5 of its
   largest entry (dlogits' fp32 rounding carried back through the layers); parameters after
   3 AdamW steps 1% of the learning rate per step. Adam divides each gradient by its own
@@ -46,6 +50,20 @@ def low_precision_grad_ok(mine: torch.Tensor, want: torch.Tensor, dtype: torch.d
     error (1e-6 of the largest value) and the dtype's subnormal spacing per rounding."""
     floor = FP32_RELATIVE * want.abs().max() + roundings * torch.finfo(dtype).smallest_normal * ULP[dtype]
     return (mine - want).abs() <= rounding_bound(dtype, roundings, interpreting) * want.abs() + floor
+
+
+def twice_torchs_error(theirs: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                       extra_roundings: int = 0, interpreting: bool = False) -> float:
+    """FlashAttention's rule as a bound on the max error against `want` (fp64): twice the
+    max error of torch's own computation in `dtype` (theirs), plus 1e-6 of want's largest
+    magnitude (fp32 sums in other orders), plus `extra_roundings` roundings to dtype of it
+    (a gradient rescaled after it was rounded)."""
+    want = want.double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    bound = 2 * (theirs.double() - want).abs().max().item() + FP32_RELATIVE * scale
+    if extra_roundings and dtype in ULP:
+        bound += rounding_bound(dtype, extra_roundings, interpreting) * scale
+    return bound
 
 
 @dataclass
@@ -116,6 +134,55 @@ def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
                 tol = (2 * (ref - exact).abs().max().item()
                        + rounding_bound(dtype, roundings, interpreting) * scale)
             rows.append(_row(f"ce grad ({label})", dtype, (n, v), fused, exact, tol))
+    return rows
+
+
+def _linear_cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
+    """The fused linear + cross-entropy's loss and three gradients against the fp64
+    composition, by twice_torchs_error (torch's own F.linear + F.cross_entropy in that
+    dtype): fp32 and bf16, each reduction, with and without bias, GPT-2's vocabulary."""
+    from fastgpt import ops
+
+    shapes = ([(4096, 768, 50257), (8192, 384, 512), (1000, 768, 32000)]
+              if device.type == "cuda" else [(64, 384, 512), (24, 64, 50257), (37, 64, 1000)])
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for (n, d, v), (reduction, smoothing, with_bias) in zip(
+                shapes, [("mean", 0.0, True), ("none", 0.1, False), ("sum", 0.0, True)]):
+            generator = torch.Generator().manual_seed(n + v)
+            inputs = [torch.randn(n, d, generator=generator) * 2,
+                      torch.randn(v, d, generator=generator) / d ** 0.5]
+            if with_bias:
+                inputs.append(torch.randn(v, generator=generator))
+            targets = torch.randint(0, v, (n,), generator=generator)
+            targets[::7] = -100
+            targets = targets.to(device)
+            grad_output = (torch.ones(()) if reduction == "mean"
+                           else torch.rand(n if reduction == "none" else (),
+                                           generator=generator) + 0.5).to(device)
+            results = {}
+            for path, cast in (("torch", dtype), ("fused", dtype), ("exact", torch.float64)):
+                leaves = [t.to(dtype).to(device=device, dtype=cast).requires_grad_()
+                          for t in inputs]
+                bias = leaves[2] if with_bias else None
+                kwargs = dict(reduction=reduction, label_smoothing=smoothing)
+                if path == "torch":  # PyTorch's own computation in this dtype
+                    loss = torch.nn.functional.cross_entropy(
+                        torch.nn.functional.linear(leaves[0], leaves[1], bias), targets, **kwargs)
+                else:
+                    loss = ops.linear_cross_entropy(
+                        leaves[0], leaves[1], targets, bias, **kwargs,
+                        backend="fused" if path == "fused" else "reference")
+                grads = torch.autograd.grad(loss, leaves, grad_output.to(loss.dtype))
+                results[path] = [loss.detach(), *grads]
+            label = f"{reduction}, ls {smoothing}" + (", bias" if with_bias else "")
+            names = ("loss", "grad hidden", "grad weight", "grad bias")
+            for i, name in enumerate(names[:len(results["exact"])]):
+                rescaled = reduction == "sum" and name != "loss"  # a grad_output other than 1
+                tol = twice_torchs_error(results["torch"][i], results["exact"][i], dtype,
+                                         int(rescaled), interpreting)
+                rows.append(_row(f"lce {name} ({label})", dtype, (n, d, v), results["fused"][i],
+                                 results["exact"][i], tol))
     return rows
 
 
@@ -233,6 +300,8 @@ def verify(print_fn=print) -> int:
     rows: list[Row] = []
     if available["cross_entropy"][0]:
         rows += _cross_entropy_rows(device, interpreting)
+    if available["linear_cross_entropy"][0]:
+        rows += _linear_cross_entropy_rows(device, interpreting)
     if available["adamw"][0]:
         rows += _adamw_rows(device)
     if available["causal_attention"][0]:
@@ -240,12 +309,12 @@ def verify(print_fn=print) -> int:
     if any(ok for ok, _ in available.values()):
         rows += _training_step_rows(device)
 
-    header = (f"{'op':<28} {'dtype':<9} {'shape':<13} {'max abs err':>11} {'max rel err':>11} "
+    header = (f"{'op':<36} {'dtype':<9} {'shape':<13} {'max abs err':>11} {'max rel err':>11} "
               f"{'tol':>9}  result")
     print_fn(header)
     print_fn("-" * len(header))
     for r in rows:
-        print_fn(f"{r.op:<28} {r.dtype:<9} {r.shape:<13} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
+        print_fn(f"{r.op:<36} {r.dtype:<9} {r.shape:<13} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
                  f"{r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
     for line in skipped:
         print_fn(f"not verified here: {line}")

@@ -46,7 +46,7 @@ def test_console_script_and_module_run_info():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert f"torch      {torch.__version__}" in result.stdout
-        for op in ("cross_entropy", "adamw", "causal_attention"):
+        for op in ("cross_entropy", "adamw", "causal_attention", "linear_cross_entropy"):
             assert op in result.stdout
 
 

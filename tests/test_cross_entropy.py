@@ -358,7 +358,8 @@ def test_process_default_backend(monkeypatch):
 def test_a_per_op_default_backend(monkeypatch):
     assert ops.parse_backend("fused") == dict.fromkeys(ops.KERNELS, "fused")
     assert ops.parse_backend(" cross_entropy = fused , adamw=reference") == {
-        "cross_entropy": "fused", "adamw": "reference", "causal_attention": "auto"}
+        "cross_entropy": "fused", "adamw": "reference", "causal_attention": "auto",
+        "linear_cross_entropy": "auto"}
     monkeypatch.setenv("FASTGPT_BACKEND", "cross_entropy=reference")
     assert ops.get_backend("cross_entropy") == "reference"
     assert ops.get_backend("adamw") == "auto"

@@ -472,7 +472,7 @@ def test_causal_attention_dropout_is_unbiased():
 
 def test_available_lists_every_op():
     table = ops.available()
-    assert set(table) == {"cross_entropy", "adamw", "causal_attention"}
+    assert set(table) == {"cross_entropy", "adamw", "causal_attention", "linear_cross_entropy"}
     for op, entry in table.items():
         assert isinstance(entry, tuple) and len(entry) == 2, op
         ok, why = entry
@@ -484,10 +484,18 @@ def test_backend_unavailable_is_a_fastgpt_error():
     assert issubclass(ops.BackendUnavailable, FastGPTError)
 
 
+def _linear_ce_inputs(dtype):
+    generator = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(5, 4, generator=generator), torch.randn(7, 4, generator=generator)
+    return hidden.to(dtype), weight.to(dtype), torch.randint(0, 7, (5,), generator=generator)
+
+
 def _call(op, backend, dtype=torch.float64):
     if op == "cross_entropy":
         logits, targets = make_ce_inputs(5, 7, dtype)
         return ops.cross_entropy(logits, targets, backend=backend)
+    if op == "linear_cross_entropy":
+        return ops.linear_cross_entropy(*_linear_ce_inputs(dtype), backend=backend)
     q, k, v = attention_inputs(1, 2, 5, 8, dtype)
     return ops.causal_attention(q, k, v, backend=backend)
 
@@ -495,17 +503,19 @@ def _call(op, backend, dtype=torch.float64):
 def _reference(op, dtype=torch.float64):
     if op == "cross_entropy":
         return reference.cross_entropy(*make_ce_inputs(5, 7, dtype))
+    if op == "linear_cross_entropy":
+        return reference.linear_cross_entropy(*_linear_ce_inputs(dtype))
     return reference.causal_attention(*attention_inputs(1, 2, 5, 8, dtype))
 
 
-@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
+@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention", "linear_cross_entropy"])
 @pytest.mark.parametrize("backend", ["reference", "auto", None])
 def test_reference_and_auto_backends_on_cpu_tensors(op, backend):
     # "auto" picks a fused kernel only for CUDA tensors: on CPU tensors it is the reference
     assert torch.equal(_call(op, backend), _reference(op))
 
 
-@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
+@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention", "linear_cross_entropy"])
 def test_fused_backend(op):
     ok, why = ops.available()[op]
     if ok:  # e.g. the Triton kernel through the interpreter; it takes fp32, not fp64
@@ -518,7 +528,7 @@ def test_fused_backend(op):
     assert op in message and why in message
 
 
-@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention"])
+@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention", "linear_cross_entropy"])
 @pytest.mark.parametrize("backend", ["triton", "", "Reference"])
 def test_unknown_backend(op, backend):
     with pytest.raises(ValueError, match="backend must be one of"):

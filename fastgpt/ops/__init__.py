@@ -1,4 +1,5 @@
-"""The ops the model and trainer call: attention, the loss (and, in fastgpt.optim, AdamW).
+"""The ops the model and trainer call: attention, the loss (cross_entropy on logits, or
+linear_cross_entropy from the hidden states without the logits) and, in fastgpt.optim, AdamW.
 
 Each op takes `backend`:
   "auto"       the fused kernel when the tensors are on CUDA and the kernel is available,
@@ -25,6 +26,7 @@ from fastgpt.backends import (  # noqa: F401  (re-exported: fastgpt.ops.parse_ba
 from fastgpt.ops import cuda_attention, reference
 
 _default_backend: str | None = None
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton losses take
 
 
 def set_backend(spec: str | None) -> str | None:
@@ -148,11 +150,33 @@ def status(op: str) -> tuple[bool, str]:
     op's kernel is looked at (and, on a GPU, built and self-checked once)."""
     if op == "cross_entropy":
         ok, why = _triton_status()
+    elif op == "linear_cross_entropy":
+        ok, why = _linear_cross_entropy_status()
     elif op == "adamw":
         ok, why = _adamw_status()
     else:
         ok, why = _attention_status()
     return ok, f"{KERNELS[op]}: {why}"
+
+
+def _linear_cross_entropy_status() -> tuple[bool, str]:
+    ok, why = _triton_status()  # it runs the cross-entropy kernel, checked first
+    if not ok or not torch.cuda.is_available() or triton_interpreting():
+        return ok, why
+    return _linear_cross_entropy_self_check_on(torch.cuda.current_device(), why)
+
+
+@functools.cache
+def _linear_cross_entropy_self_check_on(device_index: int, source: str) -> tuple[bool, str]:
+    """Whether the fused linear + cross-entropy passes its self-check on this CUDA device."""
+    from fastgpt.ops import triton_linear_ce
+
+    try:
+        triton_linear_ce.self_check(torch.device("cuda", device_index))
+    except Exception as exc:
+        return False, (f"{source}, but linear_cross_entropy failed its self-check "
+                       f"({type(exc).__name__}: {str(exc)[:300]})")
+    return True, source
 
 
 def _attention_status() -> tuple[bool, str]:
@@ -187,7 +211,7 @@ def _fused_runs_on(op: str, device: torch.device) -> bool:
     """Beyond CUDA tensors: the Triton kernel under the interpreter, AdamW's CPU build."""
     if device.type == "cuda":
         return True
-    if op == "cross_entropy":
+    if op in ("cross_entropy", "linear_cross_entropy"):
         return triton_interpreting()
     if op == "adamw":
         return torch._C._dispatch_has_kernel_for_dispatch_key("fastgpt::adamw_step", "CPU") \
@@ -283,7 +307,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
 
     reference.check_cross_entropy_inputs(logits, targets, ignore_index, reduction,
                                          label_smoothing, check_targets)
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if logits.dtype not in FUSED_DTYPES:
         raise ValueError(f"the fused cross_entropy takes float32, bfloat16 or float16 logits, "
                          f"got {logits.dtype}")
     if logits.stride(1) != 1:
@@ -291,3 +315,46 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     return FusedCrossEntropy.apply(logits, targets.contiguous(), ignore_index, reduction,
                                    float(label_smoothing), compute_grad, block_v, block_rows)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0,
+                         backend: str | None = None, check_targets: bool = True,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight.T + bias, targets, ...) with gradients for hidden,
+    weight and bias, where the fused path never holds the (N, V) logits.
+
+    hidden: (N, d); weight: (V, d), as nn.Linear stores it; bias: (V,) or None; all one
+    float dtype (under torch.autocast, cast to its dtype as F.linear would be); targets:
+    (N,) int64. ignore_index, reduction, label_smoothing, check_targets: as in
+    cross_entropy. The fused path (fastgpt/ops/triton_linear_ce.py) takes float32, bfloat16
+    or float16 and returns the loss in fp32, as the reference does for bf16/fp16;
+    chunk_rows overrides its rows per chunk (for tests and benchmarks; the reference
+    ignores it). No call waits for the device.
+    """
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if resolve_backend("linear_cross_entropy", backend, hidden.device) == "reference":
+        return reference.linear_cross_entropy(hidden, weight, targets, bias,
+                                              ignore_index=ignore_index, reduction=reduction,
+                                              label_smoothing=label_smoothing,
+                                              check_targets=check_targets)
+    from fastgpt.ops import triton_linear_ce
+
+    reference.check_linear_cross_entropy_inputs(hidden, weight, bias, targets, ignore_index,
+                                                reduction, label_smoothing, check_targets)
+    if hidden.dtype not in FUSED_DTYPES:
+        raise ValueError(f"the fused linear_cross_entropy takes float32, bfloat16 or float16 "
+                         f"inputs, got {hidden.dtype}")
+    if chunk_rows is None:
+        chunk_rows = triton_linear_ce.chunk_rows_for(hidden.shape[0], weight.shape[0],
+                                                     hidden.shape[1])
+    elif chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    return triton_linear_ce.ChunkedLinearCrossEntropy.apply(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        targets.contiguous(), ignore_index, reduction, float(label_smoothing), chunk_rows)

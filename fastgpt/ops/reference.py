@@ -171,6 +171,50 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     return loss.sum() / valid.sum()
 
 
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0,
+                         check_targets: bool = True) -> torch.Tensor:
+    """cross_entropy(F.linear(hidden, weight, bias), targets, ...): the plain composition,
+    which materialises the (N, V) logits (and, for the backward, their gradient).
+
+    hidden: (N, d) float; weight: (V, d), as nn.Linear stores it; bias: (V,) or None;
+    targets: (N,) int64. The rest as in cross_entropy.
+    """
+    check_linear_cross_entropy_inputs(hidden, weight, bias, targets, ignore_index, reduction,
+                                      label_smoothing, check_targets)
+    return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing,
+                         check_targets=False)
+
+
+def check_linear_cross_entropy_inputs(hidden: torch.Tensor, weight: torch.Tensor,
+                                      bias: torch.Tensor | None, targets: torch.Tensor,
+                                      ignore_index: int, reduction: str, label_smoothing: float,
+                                      check_targets: bool = True) -> None:
+    """check_cross_entropy_inputs for the logits that hidden @ weight.T + bias would be,
+    and the shapes, dtypes and devices of hidden, weight and bias (on the host, no sync)."""
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be (N, d) and weight (V, d), got shapes "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, d) and weight (V, d) must agree on d, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} and hidden {hidden.dtype}: they must "
+                             f"match (cast one, or run under torch.autocast)")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device}, hidden on {hidden.device}")
+    check_cross_entropy_inputs(hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0]),
+                               targets, ignore_index, reduction, label_smoothing,
+                               check_targets)
+
+
 def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                                reduction: str, label_smoothing: float,
                                check_targets: bool = True) -> None:

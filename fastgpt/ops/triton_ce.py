@@ -197,27 +197,34 @@ class KernelLaunch:
 def prepare_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                    label_smoothing: float, grad_scale: torch.Tensor | None,
                    stats: torch.Tensor | None = None, block_v: int | None = None,
-                   block_rows: int | None = None, interpreted: bool | None = None
+                   block_rows: int | None = None, interpreted: bool | None = None,
+                   grad: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                               KernelLaunch]:
     """launch()'s outputs, allocated, and the kernel launch that fills them, not run.
     interpreted (default: whether logits are on the CPU) picks the interpreter's block
-    sizes."""
+    sizes. grad: where to write the gradient (default: a new tensor); it may be `logits`
+    itself (every element is read before its program writes it)."""
     n_rows, n_cols = logits.shape
     device = logits.device
     stats_given = stats is not None
     loss = None if stats_given else torch.empty(n_rows, dtype=torch.float32, device=device)
     if stats is None:
         stats = torch.empty(2, n_rows, dtype=torch.float32, device=device)
-    grad = None if grad_scale is None else torch.empty(n_rows, n_cols, dtype=logits.dtype,
-                                                       device=device)
+    if grad_scale is None:
+        grad = None
+    elif grad is None:
+        grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=device)
+    elif grad.shape != logits.shape or grad.stride(1) != 1 or grad.dtype != logits.dtype:
+        raise ValueError("grad must have logits' shape and dtype, with unit column stride")
     if interpreted is None:
         interpreted = not logits.is_cuda
     rows_per_program, block_v = block_sizes(n_cols, block_v, block_rows, interpreted)
     kernel_launch = KernelLaunch(
         _cross_entropy_kernel, (triton.cdiv(n_rows, rows_per_program),),
         (logits, logits.stride(0), targets,
-         grad if grad is not None else stats, n_cols,  # grad_ptr unused without a gradient
+         grad if grad is not None else stats,  # grad_ptr unused without a gradient
+         grad.stride(0) if grad is not None else n_cols,
          loss if loss is not None else stats, stats,  # loss_ptr unused when stats given
          grad_scale if grad_scale is not None else stats,
          n_rows, n_cols, ignore_index, float(label_smoothing)),
@@ -235,18 +242,19 @@ def prepare_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 def launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
            label_smoothing: float, grad_scale: torch.Tensor | None,
            stats: torch.Tensor | None = None, block_v: int | None = None,
-           block_rows: int | None = None
+           block_rows: int | None = None, grad: torch.Tensor | None = None
            ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Run the kernel on logits (N, V) float32/bf16/fp16 with unit column stride and
     targets (N,) int64.
 
     grad_scale: None (no gradient), a fp32 scalar tensor, or a fp32 (N,) tensor of per-row
     scales. stats: None to compute the loss, or the (2, N) fp32 (m, log d) of an earlier
-    launch to compute only the gradient. Returns (loss (N,) fp32 or None, stats (2, N) fp32,
-    grad (N, V) in logits' dtype or None).
+    launch to compute only the gradient. grad: see prepare_launch. Returns (loss (N,) fp32
+    or None, stats (2, N) fp32, grad (N, V) in logits' dtype or None).
     """
     loss, stats, grad, kernel_launch = prepare_launch(
-        logits, targets, ignore_index, label_smoothing, grad_scale, stats, block_v, block_rows)
+        logits, targets, ignore_index, label_smoothing, grad_scale, stats, block_v, block_rows,
+        grad=grad)
     with _on_device(logits):
         kernel_launch.run()
     return loss, stats, grad
@@ -314,18 +322,37 @@ def _(grad, scale):
     return None
 
 
+def gradient_scale(targets: torch.Tensor, ignore_index: int, reduction: str,
+                   compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n_valid, the rows' number not ignored, as a device tensor; the scale of each row's
+    d loss / d logits that the forward writes: 1/n_valid for "mean", 1 for "sum", None
+    without a gradient or for "none", whose backward scales each row by its own
+    grad_output). No host sync."""
+    n_valid = (targets != ignore_index).sum()
+    grad_scale = None
+    if compute_grad and reduction == "mean":
+        grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+    elif compute_grad and reduction == "sum":
+        grad_scale = torch.ones((), dtype=torch.float32, device=targets.device)
+    return n_valid, grad_scale
+
+
+def reduce(loss: torch.Tensor, reduction: str, n_valid: torch.Tensor) -> torch.Tensor:
+    """The rows' losses (N,) reduced as F.cross_entropy does."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / n_valid  # all rows ignored: 0 / 0 = nan, as torch gives
+
+
 class FusedCrossEntropy(torch.autograd.Function):
     """See the module docstring for which pass writes the gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, compute_grad,
                 block_v, block_rows):
-        n_valid = (targets != ignore_index).sum()
-        grad_scale = None
-        if compute_grad and reduction == "mean":
-            grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
-        elif compute_grad and reduction == "sum":
-            grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        n_valid, grad_scale = gradient_scale(targets, ignore_index, reduction, compute_grad)
         loss, stats, grad = _forward_op(logits, targets, grad_scale, ignore_index,
                                         label_smoothing, block_v, block_rows)
         ctx.reduction = reduction
@@ -334,11 +361,7 @@ class FusedCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(logits, targets, stats)
         elif compute_grad:
             ctx.save_for_backward(grad)
-        if reduction == "none":
-            return loss
-        if reduction == "sum":
-            return loss.sum()
-        return loss.sum() / n_valid  # all rows ignored: 0 / 0 = nan, as torch gives
+        return reduce(loss, reduction, n_valid)
 
     @staticmethod
     @once_differentiable
