@@ -119,13 +119,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                    backend: str | None = None) -> torch.Tensor:
-    """Cross-entropy of logits (B, T, V) against targets (B, T) int64, through fastgpt.ops."""
-    return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction,
-                             backend=backend)
-
-
 class GPT(nn.Module):
     def __init__(self, vocab_size: int = 512, context_length: int = 256, d_model: int = 384,
                  num_heads: int = 6, num_layers: int = 6, dropout: float = 0.1):
@@ -157,6 +150,11 @@ class GPT(nn.Module):
 
         cache (generation): idx holds the tokens that follow the cache's, at positions
         cache.length onwards; their keys and values are added to it."""
+        return self.lm_head(self.hidden_states(idx, cache))
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """What lm_head reads: the final LayerNorm's output (B, T, d_model) for idx (B, T);
+        cache as in forward."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if start + T > self.context_length:
@@ -166,7 +164,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for generate()."""
@@ -174,9 +172,15 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
              backend: str | None = None) -> torch.Tensor:
-        """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64.
-        backend None: the process default (fastgpt.ops.get_backend())."""
-        return next_token_loss(self(idx), targets, reduction, backend)
+        """Cross-entropy of the next-token guesses. idx, targets: (B, T) int64; "none"
+        gives (B * T,). From the hidden states through fastgpt.ops.linear_cross_entropy,
+        whose fused path never holds the (B * T, vocab_size) logits (the reference is
+        lm_head then the cross-entropy, as ever). backend None: the process default
+        (fastgpt.ops.get_backend())."""
+        hidden = self.hidden_states(idx)
+        return ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                        targets.flatten(), self.lm_head.bias,
+                                        reduction=reduction, backend=backend)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -31,7 +31,7 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.data import NextTokenDataset, load_corpus, make_loader, prepare
 from fastgpt.fileio import atomic_open, write_atomic
-from fastgpt.model import GPT, next_token_loss
+from fastgpt.model import GPT
 from fastgpt.optim import AdamW, param_groups
 from fastgpt.rundir import RunDir
 from fastgpt.tokenizer import Tokenizer
@@ -127,7 +127,7 @@ class ForwardAndLoss(torch.nn.Module):
         self.gpt = gpt
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(self.gpt(x), y)
+        return self.gpt.loss(x, y)
 
 
 def training_module(model: GPT, compile: bool = False,

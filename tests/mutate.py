@@ -92,8 +92,8 @@ MUTATIONS = [
              "row (a test compared it only with the atomic path, in the same order)",
              quick=True),
     Mutation("model-loss-ignores-backend", "fastgpt/model.py",
-             "return next_token_loss(self(idx), targets, reduction, backend)",
-             "return next_token_loss(self(idx), targets, reduction, None)",
+             "reduction=reduction, backend=backend)",
+             "reduction=reduction, backend=None)",
              ("tests/test_model.py", "-k", "backend"),
              "GPT.loss drops the backend asked for (a test compared the reference with auto, "
              "the reference too on a CPU)", quick=True),

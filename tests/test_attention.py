@@ -331,7 +331,7 @@ def test_the_model_gives_the_same_loss_and_gradients_with_the_kernel():
     idx = torch.randint(0, 512, (4, 100), generator=torch.Generator().manual_seed(0)).cuda()
     targets = torch.roll(idx, -1, dims=1)
     results = []
-    for backend in ("reference", "causal_attention=fused,cross_entropy=reference"):
+    for backend in ("reference", "causal_attention=fused,linear_cross_entropy=reference"):
         torch.manual_seed(0)
         model = GPT(vocab_size=512, context_length=128, d_model=128, num_heads=2, num_layers=2,
                     dropout=0.0).cuda()

@@ -13,7 +13,7 @@ import torch._dynamo
 
 from fastgpt import ops
 from fastgpt.checkpoint import load_checkpoint
-from fastgpt.model import GPT, next_token_loss
+from fastgpt.model import GPT
 from fastgpt.train import read_metrics, resume_config, train, training_module
 from helpers import require_or_skip, tiny_config
 
@@ -36,13 +36,13 @@ def backend(request):
     ops.set_backend(previous)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused"], indirect=True)
+@pytest.mark.parametrize("backend", ["reference", "linear_cross_entropy=fused"], indirect=True)
 def test_forward_and_loss_trace_to_one_graph(backend):
-    if backend != "reference" and not ops.available()["cross_entropy"][0]:
-        require_or_skip(f"the fused cross_entropy cannot run here: "
-                        f"{ops.available()['cross_entropy'][1]}")
+    if backend != "reference" and not ops.available()["linear_cross_entropy"][0]:
+        require_or_skip(f"the fused linear_cross_entropy cannot run here: "
+                        f"{ops.available()['linear_cross_entropy'][1]}")
     model = small_gpt(dropout=0.1)
-    explained = torch._dynamo.explain(lambda x, y: next_token_loss(model(x), y))(*batch())
+    explained = torch._dynamo.explain(model.loss)(*batch())
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
         [b.reason for b in explained.break_reasons]
 
@@ -67,7 +67,7 @@ def test_the_fused_attention_traces_through_its_fakes(cpu_extension, monkeypatch
         raise Captured
 
     model = small_gpt(dropout=0.1)
-    compiled = torch.compile(lambda x, y: next_token_loss(model(x), y), fullgraph=True,
+    compiled = torch.compile(model.loss, fullgraph=True,
                              backend=aot_autograd(fw_compiler=capture))
     with pytest.raises(Exception, match="Captured"):
         compiled(*batch())
@@ -76,11 +76,11 @@ def test_the_fused_attention_traces_through_its_fakes(cpu_extension, monkeypatch
     assert targets.count("fastgpt.attention_forward_seeded.default") == 2  # one per layer
 
 
-@pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused"], indirect=True)
+@pytest.mark.parametrize("backend", ["reference", "linear_cross_entropy=fused"], indirect=True)
 def test_the_compiled_step_gives_the_eager_loss_and_gradients(backend, monkeypatch):
-    if backend != "reference" and not ops.available()["cross_entropy"][0]:
-        require_or_skip(f"the fused cross_entropy cannot run here: "
-                        f"{ops.available()['cross_entropy'][1]}")
+    if backend != "reference" and not ops.available()["linear_cross_entropy"][0]:
+        require_or_skip(f"the fused linear_cross_entropy cannot run here: "
+                        f"{ops.available()['linear_cross_entropy'][1]}")
     from fastgpt.ops import triton_ce
     launches = []
     launch = triton_ce.launch

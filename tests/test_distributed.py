@@ -225,14 +225,14 @@ sys.exit(code)
 NAN_ON_RANK_1 = """
 import os
 import fastgpt.train as train_module
-real, calls = train_module.next_token_loss, []
-def loss(logits, targets):
+real, calls = train_module.ForwardAndLoss.forward, []
+def loss(self, x, y):
     calls.append(1)
-    out = real(logits, targets)
+    out = real(self, x, y)
     if os.environ["RANK"] == "1" and len(calls) >= 5:  # rank 1's 5th step
         return out * float("nan")
     return out
-train_module.next_token_loss = loss
+train_module.ForwardAndLoss.forward = loss
 """ + TRAIN_THEN_LIST_THREADS
 
 

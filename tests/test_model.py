@@ -195,15 +195,15 @@ def test_loss_equals_cross_entropy_of_flattened_logits(reduction):
 
 
 def test_the_loss_goes_through_the_backend_asked_for(monkeypatch):
-    """model.loss(backend=...) reaches the op asked for: "fused" the Triton kernel (through
+    """model.loss(backend=...) reaches the op asked for: "fused" the chunked Triton path (through
     its interpreter on a CPU), "reference" the reference, each within 1e-6 of
     F.cross_entropy of the same logits in fp64 (fp32 sums in other orders over 16 rows), and
     "auto" on CPU tensors the reference (on CUDA ones the kernel)."""
     from fastgpt import ops
     from helpers import require_or_skip
-    ok, why = ops.status("cross_entropy")
+    ok, why = ops.status("linear_cross_entropy")
     if not ok:
-        require_or_skip(f"the fused cross_entropy cannot run here: {why}")
+        require_or_skip(f"the fused linear_cross_entropy cannot run here: {why}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = small_model().to(device).eval()
     x, y = tokens(2, 8, seed=11).to(device), tokens(2, 8, seed=12).to(device)
@@ -212,12 +212,12 @@ def test_the_loss_goes_through_the_backend_asked_for(monkeypatch):
               for backend in ("fused", "reference", "auto")}
     for backend, loss in losses.items():
         assert abs(loss.item() - exact) <= 1e-6 * abs(exact), backend
-    kernel = "FusedCrossEntropyBackward"
+    kernel = "ChunkedLinearCrossEntropyBackward"
     assert losses["fused"].grad_fn.name() == kernel
     assert losses["reference"].grad_fn.name() != kernel
     assert (losses["auto"].grad_fn.name() == kernel) == (device == "cuda")
     # where no kernel can run, asking for one is a clear error (the kernel's own tests are
-    # in test_cross_entropy.py)
+    # in test_linear_cross_entropy.py)
     monkeypatch.setattr(ops, "status", lambda op: (False, "not here"))
     with pytest.raises(ops.BackendUnavailable, match="not here"):
         model.loss(x, y, backend="fused")

@@ -91,14 +91,14 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file,
                                                                    monkeypatch):
-    real_loss, calls = train_module.next_token_loss, []
+    real_loss, calls = train_module.ForwardAndLoss.forward, []
 
-    def loss_that_turns_nan(logits, targets):  # the training step's loss (evals: GPT.loss)
+    def loss_that_turns_nan(self, x, y):  # the training step's loss (evals: GPT.loss)
         calls.append(1)
-        loss = real_loss(logits, targets)
+        loss = real_loss(self, x, y)
         return loss * float("nan") if len(calls) >= 6 else loss  # the 6th training step
 
-    monkeypatch.setattr(train_module, "next_token_loss", loss_that_turns_nan)
+    monkeypatch.setattr(train_module.ForwardAndLoss, "forward", loss_that_turns_nan)
     config = tiny_config(tmp_path / "runs", corpus_file, max_steps=10, eval_interval=4)
     with pytest.raises(NonFiniteLoss, match="step 6.*last good checkpoint"):
         train(config)
@@ -223,18 +223,18 @@ def test_resume_after_a_crash_before_the_first_eval(tmp_path, corpus_file, monke
     settings = dict(max_steps=6, eval_interval=3, patience=5, log_interval=1)
     train(tiny_config(runs, corpus_file, name="whole", **settings))
 
-    real_loss, calls = train_module.next_token_loss, []
+    real_loss, calls = train_module.ForwardAndLoss.forward, []
 
-    def loss_then_crash(logits, targets):  # the training step's loss
+    def loss_then_crash(self, x, y):  # the training step's loss
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # stands in for kill -9 during step 3
-        return real_loss(logits, targets)
+        return real_loss(self, x, y)
 
-    monkeypatch.setattr(train_module, "next_token_loss", loss_then_crash)
+    monkeypatch.setattr(train_module.ForwardAndLoss, "forward", loss_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(runs, corpus_file, name="crashed", **settings))
-    monkeypatch.setattr(train_module, "next_token_loss", real_loss)
+    monkeypatch.setattr(train_module.ForwardAndLoss, "forward", real_loss)
     crashed = runs / "crashed"
     assert load_checkpoint(crashed / "last.pt")["step"] == 0  # only the step-0 checkpoint
     with open(crashed / "metrics.jsonl", "a") as f:
@@ -528,7 +528,7 @@ def train_model_step(model, optimizer, batches, device):
                                    device, grad_accum=2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cross_entropy=fused", "adamw=fused"])
+@pytest.mark.parametrize("backend", ["reference", "linear_cross_entropy=fused", "adamw=fused"])
 def test_fastgpts_code_on_the_step_reads_no_tensor_into_python(backend, cpu_extension,
                                                                monkeypatch):
     # The fused kernels cannot run on meta tensors: here fastgpt's own Python on the step's
