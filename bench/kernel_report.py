@@ -595,8 +595,9 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
     if extension:
         out += ["", "## fastgpt._C (csrc/, nvcc)", ""] + resource_table(extension, False)
         out += [""] + mix_table(extension, False)
-    out += ["", "## Triton: every launch of the cross-entropy self-check "
-            "(fastgpt/ops/triton_ce.py)", "",
+    out += ["", "## Triton: every launch compiled ahead of time: the cross-entropy "
+            "self-check's (fastgpt/ops/triton_ce.py) and the linear + cross-entropy's "
+            "version 2 (fastgpt/ops/triton_linear_ce.py)", "",
             "Compiled ahead of time as a launch on a GPU would compile them "
             "(fastgpt/ops/triton_aot.py). Their specialisations (`D`: the argument is "
             "divisible by 16, which lets Triton prove vector alignment):", ""]
@@ -626,7 +627,9 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
         out += resource_table(ce, True) + [""] + mix_table(ce, True)
     out += ["", "## What CI asserts (tests/test_kernel_report.py)", "",
             "- no local memory in any kernel (`local` 0, no `LDL`/`STL`), sm_80 and sm_90;",
-            "- every Triton launch of the self-check compiles for sm_80 and sm_90;",
+            "- every Triton launch compiled ahead of time compiles for sm_80 and sm_90; the "
+            "linear + cross-entropy's version 2 kernels issue `HMMA` (tensor cores) and its "
+            "backward adds its gradients with atomics;",
             "- `adamw_kernel`'s aligned path loads with 128-bit global loads;",
             "- every bf16/fp16 attention kernel (csrc/attention_mma.cuh: forward, dK/dV, "
             "deterministic dQ; D = 32, 64, 128) issues `HMMA`, loads tiles with `LDSM` and "
@@ -643,7 +646,8 @@ def source_state() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = git("status", "--porcelain", "--", "csrc", "fastgpt/ops/triton_ce.py").strip()
+    dirty = git("status", "--porcelain", "--", "csrc", "fastgpt/ops/triton_ce.py",
+                "fastgpt/ops/triton_linear_ce.py").strip()
     return f"commit {commit}" + (", with uncommitted changes to the kernels' sources"
                                  if dirty else "")
 
@@ -654,7 +658,6 @@ def collect(archs, library: str | None, work_dir: Path, with_extra: bool = True
     facts about the tools) for each arch in archs."""
     import triton
     from fastgpt.ops import triton_aot
-    from fastgpt.ops.triton_ce import self_check_launches
 
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if not cuobjdump or not nvdisasm:
@@ -665,7 +668,7 @@ def collect(archs, library: str | None, work_dir: Path, with_extra: bool = True
         for arch in archs:
             extension += extension_kernels(library, arch, cuobjdump)
     self_check = triton_kernels(
-        triton_aot.compile_records(self_check_launches(), archs, work_dir / "self_check"),
+        triton_aot.compile_records(triton_aot.aot_launches(), archs, work_dir / "self_check"),
         cuobjdump, nvdisasm)
     extra = []
     if with_extra:

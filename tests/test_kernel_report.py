@@ -92,7 +92,7 @@ def test_the_aot_launches_are_those_self_check_makes(monkeypatch):
 
 def test_every_self_check_launch_compiles_for_sm80_and_sm90_without_spills(
         triton_kernels, triton_records):
-    labels = [label for label, _ in triton_ce.self_check_launches()]
+    labels = [label for label, _ in triton_aot.aot_launches()]
     assert sorted((r["label"], r["arch"]) for r in triton_records) == sorted(
         (label, arch) for label in labels for arch in ARCHS)
     for k in triton_kernels:
@@ -116,6 +116,20 @@ def test_scale_kernel_moves_128_bits_a_thread_when_n_is_divisible_by_16(triton_k
         # the one 32-bit load is the scale; every gradient access is a vector
         assert k.mix["LDG.32"] == 1 and k.mix["LDG<32"] == 0, k
         assert k.mix["STG.32"] == 0 and k.mix["STG<32"] == 0, k
+
+
+def test_linear_cross_entropy_version_2_uses_tensor_cores_and_atomics(triton_kernels):
+    """Issue 18: in bf16 (GPT-2's shape) version 2 multiplies its hidden x weight tiles on
+    the tensor cores (HMMA; sm_90's HGMMA counted with it), forward and backward; in fp32
+    (the chapter's shape) its dots are IEEE fp32, as torch's matmul, not tf32, so the CUDA
+    cores do them. Both backwards add their gradient tiles with atomics."""
+    v2 = [k for k in triton_kernels if "linear CE v2" in k.origin]
+    assert len(v2) == 4 * len(ARCHS)
+    for k in v2:
+        if "bfloat16" in k.origin:
+            assert k.mix["HMMA"] > 0, k
+        if "backward" in k.origin:
+            assert k.mix["atomics"] > 0, k
 
 
 # --- the extension (part 5) -----------------------------------------------------------
@@ -175,7 +189,7 @@ def test_the_report_renders_every_kernel(extension_kernels, triton_kernels):
 
 def test_the_committed_report_lists_every_self_check_launch():
     text = (BENCH / "results" / "kernels-sm90.md").read_text()
-    for label, _ in triton_ce.self_check_launches():
+    for label, _ in triton_aot.aot_launches():
         assert f"| {label} |" in text, f"{label}: rerun python bench/kernel_report.py"
 
 

@@ -16,8 +16,9 @@ compile_in_subprocess(), which runs `python -m fastgpt.ops.triton_aot` without i
 
     python -m fastgpt.ops.triton_aot --out DIR [--arch 90 --arch 80]
 
-compiles every launch of triton_ce.self_check_launches() and writes DIR/<name>.cubin and
-.ptx for each, and DIR/manifest.json (a list of compile_records()).
+compiles every launch of aot_launches() (the cross-entropy self-check's and the linear +
+cross-entropy's version 2) and writes DIR/<name>.cubin and .ptx for each, and
+DIR/manifest.json (a list of compile_records()).
 """
 
 from __future__ import annotations
@@ -92,10 +93,17 @@ def compile_records(launches: list[tuple[str, KernelLaunch]], archs, out_dir) ->
     return records
 
 
+def aot_launches() -> list[tuple[str, KernelLaunch]]:
+    """What is compiled ahead of time: every launch that triton_ce.self_check makes on a GPU
+    (the cross-entropy kernel's variants, which version 1 of the linear + cross-entropy
+    runs too) and version 2's kernels (triton_linear_ce.version_2_launches)."""
+    from fastgpt.ops import triton_ce, triton_linear_ce
+    return triton_ce.self_check_launches() + triton_linear_ce.version_2_launches()
+
+
 def compile_self_check(archs=DEFAULT_ARCHS, out_dir=".") -> list[dict]:
-    """compile_records() of every launch that triton_ce.self_check makes on a GPU."""
-    from fastgpt.ops.triton_ce import self_check_launches
-    return compile_records(self_check_launches(), archs, out_dir)
+    """compile_records() of every launch of aot_launches()."""
+    return compile_records(aot_launches(), archs, out_dir)
 
 
 def compile_in_subprocess(out_dir, archs=DEFAULT_ARCHS, cache_dir=None,
