@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import reference  # noqa: E402
-from timing import median_ms, write_result  # noqa: E402  (bench/timing.py)
+from timing import cuda_median_ms_and_peak, median_ms, write_result  # noqa: E402
 
 N = 8192
 
@@ -40,12 +40,7 @@ def measure(fn, logits: torch.Tensor, targets: torch.Tensor, warmup: int, reps: 
 
     if not logits.is_cuda:
         return median_ms(step, reps, warmup, cuda=False), None
-    step()  # the first call allocates and compiles: keep it out of the peak
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = median_ms(step, reps, warmup, cuda=True)
-    return ms, torch.cuda.max_memory_allocated() - base
+    return cuda_median_ms_and_peak(step, reps, warmup)
 
 
 def main() -> int:

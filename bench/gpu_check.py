@@ -367,6 +367,10 @@ def gpu_stages() -> list[Stage]:
         Stage("bench_cross_entropy", "cross-entropy at V = 512 and 50257",
               ("{python}", str(BENCH / "bench_cross_entropy.py"), "--vocabs", "512", "50257",
                "--out", "{result}"), expected_s=30, minimum_s=15, share_s=90),
+        Stage("bench_linear_cross_entropy", "linear + cross-entropy at N = 8192, V = 50257",
+              ("{python}", str(BENCH / "bench_linear_cross_entropy.py"), "--rows", "8192",
+               "--vocabs", "50257", "--out", "{result}"), expected_s=40, minimum_s=20,
+              share_s=120),
         Stage("bench_adamw", "AdamW for the seed model, with and without clipping",
               ("{python}", str(BENCH / "bench_adamw.py"), "--sets", "seed (11.1M)",
                "--out", "{result}"), expected_s=15, minimum_s=10, share_s=60),
@@ -386,7 +390,8 @@ def gpu_stages() -> list[Stage]:
                 ("{python}", str(BENCH / f"{script}.py"), "--out", "{result}"),
                 expected_s=expected, minimum_s=minimum, share_s=share, full_only=True)
           for script, expected, minimum, share in (
-              ("bench_cross_entropy", 90, 30, 300), ("bench_adamw", 40, 20, 120),
+              ("bench_cross_entropy", 90, 30, 300), ("bench_linear_cross_entropy", 120, 30, 300),
+              ("bench_adamw", 40, 20, 120),
               ("bench_attention", 120, 30, 300), ("bench_train", 400, 120, 600))),
         Stage("quality", "bench/quality.py at the seed preset: fused learns as well",
               ("{python}", str(BENCH / "quality.py"), "--presets", "seed", "--corpus",

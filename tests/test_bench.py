@@ -25,6 +25,23 @@ needs_fused_cross_entropy = pytest.mark.usefixtures("fused_cross_entropy")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@needs_fused_cross_entropy
+def test_linear_cross_entropy_benchmark_checks_the_memory_claim_on_a_cpu(tmp_path):
+    out = tmp_path / "lce.json"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_linear_cross_entropy.py"),
+                             "--reps", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no CUDA GPU: the memory claim on one small case" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["N"], row["d"], row["V"]) == (1024, 64, 8192)
+    assert row["meets_targets"] and row["v1_memory_vs_eager"] <= 0.25
+    assert row["v1_largest_bytes"] < row["N"] * row["V"] * 2 <= row["eager_largest_bytes"]
+    text = _import_bench("report").render([out])
+    assert "| 1024 | 64 | 8192 |" in text and "| n/a | n/a | yes |" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
 def test_cross_entropy_benchmark_reference_mode(tmp_path):
     out = tmp_path / "ce.json"
     result = subprocess.run([sys.executable, str(BENCH / "bench_cross_entropy.py"), "--vocabs",
@@ -230,11 +247,12 @@ def test_quality_catches_a_kernel_that_learns_wrong(tmp_path, corpus_file, monke
     quality = _import_bench("quality")
     from fastgpt.ops import reference
 
-    def wrong_kernel(logits, targets, ignore_index, reduction, *rest):  # 5% too much loss
-        return 1.05 * reference.cross_entropy(logits, targets, ignore_index=ignore_index,
-                                              reduction=reduction)
+    def wrong_kernel(hidden, weight, bias, targets, ignore_index, reduction, *rest):
+        return 1.05 * reference.linear_cross_entropy(  # 5% too much loss
+            hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction)
 
-    monkeypatch.setattr("fastgpt.ops.triton_ce.FusedCrossEntropy.apply", wrong_kernel)
+    monkeypatch.setattr("fastgpt.ops.triton_linear_ce.ChunkedLinearCrossEntropy.apply",
+                        wrong_kernel)
     monkeypatch.setattr(sys, "argv", [
         "quality.py", "--presets", "cpu", "--corpus", str(corpus_file), "--no-cpu-extension",
         "--out-dir", str(tmp_path / "q"), "--set", "max_steps=2", "eval_interval=2",
