@@ -628,8 +628,8 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
     out += ["", "## What CI asserts (tests/test_kernel_report.py)", "",
             "- no local memory in any kernel (`local` 0, no `LDL`/`STL`), sm_80 and sm_90;",
             "- every Triton launch compiled ahead of time compiles for sm_80 and sm_90; the "
-            "linear + cross-entropy's version 2 kernels issue `HMMA` (tensor cores) and its "
-            "backward adds its gradients with atomics;",
+            "linear + cross-entropy's version 2 kernels issue `HMMA` (tensor cores) in "
+            "bf16 and its backward adds its gradients with atomics;",
             "- `adamw_kernel`'s aligned path loads with 128-bit global loads;",
             "- every bf16/fp16 attention kernel (csrc/attention_mma.cuh: forward, dK/dV, "
             "deterministic dQ; D = 32, 64, 128) issues `HMMA`, loads tiles with `LDSM` and "

@@ -166,8 +166,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(f"device     cpu ({torch.get_num_threads()} threads); no CUDA GPU visible")
     print("kernels (fused backend; the reference backend is always available):")
-    for op, (ok, why) in ops.available().items():
-        print(f"  {op:<17} {'available' if ok else 'unavailable'}: {why}")
+    available = ops.available()
+    width = max(map(len, available))
+    for op, (ok, why) in available.items():
+        print(f"  {op:<{width}} {'available' if ok else 'unavailable'}: {why}")
     return 0
 
 

@@ -56,6 +56,7 @@ ATTENTION_ON_CPU = ("tests/test_attention.py", "-k", "run_on_cpu")
 CE_MATCHES = ("tests/test_cross_entropy.py", "-k", "matches_torch and dtype0")  # fp32
 CE_SMOOTHING = ("tests/test_cross_entropy.py", "-k", "ignore_index_and_label_smoothing")
 ADAMW = ("tests/test_adamw.py", "-k", "not cuda_build")  # not the nvcc build (minutes)
+LINEAR_CE_MATCHES = ("tests/test_linear_cross_entropy.py", "-k", "match_the_composition")
 ADAMW_KERNEL = ("tests/test_cuda_on_cpu.py", "-k", "adamw")  # csrc/adamw.cuh run on the CPU
 # (every AdamW test there has "adamw" in its name)
 RACECHECK = ("tests/test_cuda_on_cpu.py", "-k", "attention")  # the kernels under racecheck
@@ -97,6 +98,28 @@ MUTATIONS = [
              ("tests/test_model.py", "-k", "backend"),
              "GPT.loss drops the backend asked for (a test compared the reference with auto, "
              "the reference too on a CPU)", quick=True),
+    Mutation("linear-ce-weight-grad-from-the-first-chunk", "fastgpt/ops/triton_linear_ce.py",
+             "_add_product(grad_weight, grad.t(), h)",
+             "_add_product(grad_weight, grad.t(), hidden[:end - start])",
+             LINEAR_CE_MATCHES,
+             "version 1 multiplies every chunk's logit gradient by the first chunk's hidden "
+             "rows"),
+    Mutation("linear-ce-none-scales-by-the-first-rows", "fastgpt/ops/triton_linear_ce.py",
+             "grad_scale[start:end] if per_row_scale else grad_scale",
+             "grad_scale[:end - start] if per_row_scale else grad_scale",
+             LINEAR_CE_MATCHES,
+             "reduction='none': the backward scales each chunk by the first chunk's "
+             "grad_output (the bug Liger's fused version shipped, issue 1298)"),
+    Mutation("linear-ce-chunks-sized-from-n-alone", "fastgpt/ops/triton_linear_ce.py",
+             "rows = max(n_rows, vocab) * d // vocab",
+             "rows = n_rows * d",
+             ("tests/test_linear_cross_entropy.py", "-k", "chunk_rows or allocates"),
+             "a chunk's logits grow with N (the whole (N, V) logits at once)"),
+    Mutation("linear-ce-v2-skips-the-target-tile", "fastgpt/ops/triton_linear_ce.py",
+             "tl.max(tl.maximum(p, is_target.to(tl.float32)))",
+             "tl.max(p)",
+             ("tests/test_linear_cross_entropy.py", "-k", "version_2"),
+             "version 2's filter skips a tile holding a row's target (its -1 lost)"),
     Mutation("adamw-schema-drops-the-mutation", "csrc/bindings.cpp",
              '"adamw_step(Tensor(a!)[] params, ',
              '"adamw_step(Tensor[] params, ',
