@@ -23,11 +23,13 @@ from fastgpt import ops
 from fastgpt.model import GPT
 from fastgpt.ops import reference, triton_linear_ce
 from fastgpt.verify import FP32_RELATIVE, twice_torchs_error
-from helpers import require_or_skip
+from helpers import quick, require_or_skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from timing import cpu_memory  # noqa: E402  (bench/timing.py)
 
+# every test here is a GPU test where there is one (marked gpu; `quick`: gpu_check.sh's
+# quick stage too); without one they run through Triton's interpreter
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +87,7 @@ CASES = [
 ]
 
 
+@quick
 @pytest.mark.parametrize("dtype,n,vocab,d,reduction,smoothing,with_bias,ignore,chunk_rows",
                          CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_loss_and_gradients_match_the_composition(dtype, n, vocab, d, reduction, smoothing,
@@ -226,6 +229,7 @@ def small_gpt():
                dropout=0.0).to(DEVICE)
 
 
+@quick
 def test_the_training_step_gives_the_same_loss_and_gradients_fused_and_reference():
     """GPT.loss through the fused path against the reference (fp32, dropout 0): the loss
     within 1e-6 relative, every parameter's gradient within 1e-5 of its largest entry (as
