@@ -8,7 +8,7 @@ Each op takes `backend`:
   "fused"      the kernel, or a BackendUnavailable error that says why it cannot run.
   None         the process-wide default: set_backend(...), else $FASTGPT_BACKEND, else "auto".
 The default is one of those names for every op, or a per-op list such as
-"cross_entropy=fused,adamw=reference" (ops not named: "auto").
+"linear_cross_entropy=fused,adamw=reference" (ops not named: "auto").
 
 The Triton kernel also runs on CPU tensors through Triton's interpreter when
 TRITON_INTERPRET=1 is set before fastgpt's kernels are imported (slow: for tests).
