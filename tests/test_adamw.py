@@ -11,8 +11,10 @@ differ by a few 1e-7 at most (measured ~2e-7), since Adam's updates are lr-sized
 moments renormalise each step.
 """
 
-import os
+import importlib
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,14 +156,17 @@ def test_torch_compile_traces_the_step_through_its_fake_and_updates_in_place(cpu
 
 
 def cuda_tool(name: str) -> str:
-    """A CUDA binary tool: the toolkit's, else the copy Triton ships (this CI machine's
-    toolkit has nvcc and ptxas but no cuobjdump)."""
-    import triton
-    for directory in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"),
-                      os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
-        if os.access(os.path.join(directory, name), os.X_OK):
-            return os.path.join(directory, name)
-    pytest.fail(f"no {name} in the CUDA toolkit or in Triton's package")
+    """A CUDA binary tool, found as bench/kernel_report.py finds it (its pip package, the
+    toolkit, or the copy Triton ships: this CI machine's toolkit has no cuobjdump)."""
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    sys.path.insert(0, bench)
+    try:
+        path = importlib.import_module("kernel_report").find_tool(name)
+    finally:
+        sys.path.remove(bench)
+    if path is None:
+        pytest.fail(f"no {name} in its pip package, the CUDA toolkit or Triton's package")
+    return path
 
 
 def test_cuda_build_compiles_without_spills_and_registers_its_ops(cuda_build):

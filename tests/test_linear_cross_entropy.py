@@ -12,6 +12,7 @@ afterwards, one more rounding (half an ulp, a whole one under the interpreter, w
 truncates): fastgpt.verify.twice_torchs_error, which `fastgpt verify` uses too.
 """
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -25,8 +26,12 @@ from fastgpt.ops import reference, triton_linear_ce
 from fastgpt.verify import FP32_RELATIVE, twice_torchs_error
 from helpers import quick, require_or_skip
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from timing import cpu_memory  # noqa: E402  (bench/timing.py)
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+try:
+    cpu_memory = importlib.import_module("timing").cpu_memory  # bench/timing.py
+finally:
+    sys.path.remove(str(BENCH))
 
 # every test here is a GPU test where there is one (marked gpu; `quick`: gpu_check.sh's
 # quick stage too); without one they run through Triton's interpreter
