@@ -192,14 +192,17 @@ def check_linear_cross_entropy_inputs(hidden: torch.Tensor, weight: torch.Tensor
                                       bias: torch.Tensor | None, targets: torch.Tensor,
                                       ignore_index: int, reduction: str, label_smoothing: float,
                                       check_targets: bool = True) -> None:
-    """check_cross_entropy_inputs for the logits that hidden @ weight.T + bias would be,
-    and the shapes, dtypes and devices of hidden, weight and bias (on the host, no sync)."""
+    """check_cross_entropy_inputs for the logits that hidden @ weight.T + bias would be:
+    the shapes, dtypes and devices of hidden, weight and bias, then check_loss_arguments
+    (on the host, no sync)."""
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, d) and weight (V, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, d) and weight (V, d) must agree on d, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
@@ -210,9 +213,8 @@ def check_linear_cross_entropy_inputs(hidden: torch.Tensor, weight: torch.Tensor
                              f"match (cast one, or run under torch.autocast)")
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device}, hidden on {hidden.device}")
-    check_cross_entropy_inputs(hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0]),
-                               targets, ignore_index, reduction, label_smoothing,
-                               check_targets)
+    check_loss_arguments(targets, hidden.shape[0], weight.shape[0], hidden.device,
+                         ignore_index, reduction, label_smoothing, check_targets)
 
 
 def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -225,18 +227,28 @@ def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor, igno
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must be ({logits.shape[0]},), got shape {tuple(targets.shape)}")
+    check_loss_arguments(targets, logits.shape[0], logits.shape[1], logits.device,
+                         ignore_index, reduction, label_smoothing, check_targets)
+
+
+def check_loss_arguments(targets: torch.Tensor, n_rows: int, num_classes: int,
+                         device: torch.device, ignore_index: int, reduction: str,
+                         label_smoothing: float, check_targets: bool = True) -> None:
+    """What both losses check beyond their inputs' own shapes: targets (n_rows,) int64 on
+    `device`, the reduction and label smoothing, and (check_target_range) the targets'
+    range, unless check_targets is False."""
+    if targets.shape != (n_rows,):
+        raise ValueError(f"targets must be ({n_rows},), got shape {tuple(targets.shape)}")
     if targets.dtype != torch.int64:
         raise ValueError(f"targets must be int64, got {targets.dtype}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if targets.device != logits.device:
-        raise ValueError(f"targets are on {targets.device}, logits on {logits.device}")
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device}, the inputs on {device}")
     if check_targets:
-        check_target_range(targets, logits.shape[1], ignore_index)
+        check_target_range(targets, num_classes, ignore_index)
 
 
 def check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
