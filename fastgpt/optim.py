@@ -24,11 +24,9 @@ state). state_dict() then copies the device step counts back into the CPU "step"
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastgpt.ops import resolve_backend
+from fastgpt.ops import reference, resolve_backend
 
 
 class AdamW(torch.optim.Optimizer):
@@ -151,34 +149,12 @@ class AdamW(torch.optim.Optimizer):
 
     def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
                         grad_scale: torch.Tensor | None) -> None:
-        """The update of the module docstring, one torch._foreach_* call per line for all of
-        `params` (per element exactly torch.optim.AdamW(foreach=False)'s arithmetic). Like
-        torch's foreach AdamW it holds the denominators (and, when clipping, the scaled
-        gradients; for bf16/fp16 parameters fp32 copies) of the whole group at once: up to
-        a few times the group's size in fp32 beside the state, for 8 calls instead of 8
-        per tensor."""
-        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        eps, weight_decay = group["eps"], group["weight_decay"]
-        bias_correction1 = 1.0 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        # bf16/fp16 parameters: fp32 maths, the result rounded once on the way back
-        fp32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-        grads = [p.grad if p.dtype == torch.float32 else p.grad.float() for p in params]
-        if grad_scale is not None:
-            grads = torch._foreach_mul(grads, grad_scale)
-        torch._foreach_mul_(fp32, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, bias_correction2_sqrt)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(fp32, exp_avgs, denoms, value=-lr / bias_correction1)
-        for p, param in zip(params, fp32):
-            if param is not p:
-                p.copy_(param)
+        beta1, beta2 = group["betas"]
+        reference.adamw_step(
+            params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params], lr=float(group["lr"]),
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            step=step, grad_scale=grad_scale)
 
     def _fused_step(self, params: list[torch.Tensor], group: dict, step: float,
                     grad_scale: torch.Tensor | None) -> None:
@@ -200,36 +176,6 @@ class AdamW(torch.optim.Optimizer):
             [self.state[p]["exp_avg_sq"] for p in params],
             lr, beta1, beta2, group["eps"], group["weight_decay"], int(step), grad_scale,
             lr_tensor, step_tensor)
-
-
-def self_check(device: torch.device) -> None:
-    """One fused AdamW step against the reference on `device`: fp32 and bf16, aligned and
-    unaligned tensors, more tensors than one launch takes. Raises RuntimeError if they
-    disagree beyond rounding (1e-5 relative for fp32, 2^-7 for bf16). fastgpt.ops runs it
-    before the kernel is used on a GPU."""
-    generator = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -7)):
-        sizes = [1 + (i * 977) % 5000 for i in range(40)]
-        start = [torch.randn(n + 1, generator=generator) for n in sizes]
-        grads = [torch.randn(n, generator=generator) for n in sizes]
-        results = []
-        for fused in (False, True):
-            params = [torch.nn.Parameter(s.to(device, dtype, copy=True)[i % 2:i % 2 + n])
-                      for i, (s, n) in enumerate(zip(start, sizes))]
-            for p, g in zip(params, grads):
-                p.grad = g.to(device, dtype)
-            if fused:  # not through AdamW(backend="fused"): that asks ops.status, i.e. us
-                torch.ops.fastgpt.adamw_step(
-                    params, [p.grad for p in params],
-                    [torch.zeros(p.shape, device=device) for p in params],
-                    [torch.zeros(p.shape, device=device) for p in params],
-                    1e-2, 0.9, 0.999, 1e-8, 0.1, 1, None)
-            else:
-                AdamW(params, lr=1e-2, weight_decay=0.1, backend="reference").step()
-            results.append(torch.cat([p.detach().float().flatten() for p in params]))
-        error = (results[0] - results[1]).abs().max().item()
-        if not error <= tol * results[0].abs().max().item():
-            raise RuntimeError(f"{dtype} step differs from the reference by {error:.3g}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fastgpt import ops
-from fastgpt.optim import AdamW, self_check
+from fastgpt.ops.adamw import self_check
+from fastgpt.optim import AdamW
 from helpers import gpu, quick
 
 

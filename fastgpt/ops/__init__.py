@@ -134,9 +134,7 @@ def _adamw_status() -> tuple[bool, str]:
 @functools.cache
 def _adamw_self_check_on(device_index: int, source: str) -> tuple[bool, str]:
     """Whether the loaded AdamW kernel passes its self-check on this CUDA device."""
-    # The check runs the optimizer's reference step; imported here, as fastgpt.optim
-    # imports fastgpt.ops.
-    from fastgpt.optim import self_check
+    from fastgpt.ops.adamw import self_check
 
     try:
         self_check(torch.device("cuda", device_index))

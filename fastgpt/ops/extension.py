@@ -6,7 +6,7 @@ nvcc are present, else the kernels are unavailable, with the reason. Either way 
 appear under torch.ops.fastgpt.
 
 This module only finds, builds and loads it; each kernel's self-check lives beside its op
-(fastgpt.optim.self_check, cuda_attention.self_check) and fastgpt.ops.status runs them.
+(fastgpt.ops.adamw.self_check, cuda_attention.self_check) and fastgpt.ops.status runs them.
 
 `build(cuda=False)` compiles the CPU build (bindings and the CPU loops, no nvcc): CI tests
 the kernels' shared arithmetic through it. Only one build can be loaded per process: both

@@ -3,6 +3,8 @@ is tested against, and the path used wherever a kernel cannot run (e.g. on a CPU
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -186,6 +188,36 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing,
                          check_targets=False)
+
+
+def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], *, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
+               grad_scale: torch.Tensor | None = None) -> None:
+    """One AdamW update of `params` in place (fastgpt.optim's docstring has the maths), at
+    step `step` (counting from 1); exp_avgs / exp_avg_sqs (float32, the parameters' shapes)
+    are updated in place too. grad_scale (a float32 scalar tensor, e.g. the clipping factor)
+    multiplies every gradient first. One torch._foreach_* call per line for all tensors (per
+    element exactly torch.optim.AdamW(foreach=False)'s arithmetic); like torch's foreach
+    AdamW it holds the denominators (and for bf16/fp16 parameters fp32 copies) of all of
+    `params` at once. bf16/fp16 parameters: fp32 maths, rounded once on the way back."""
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    fp32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    if grad_scale is not None:
+        grads = torch._foreach_mul(grads, grad_scale)
+    torch._foreach_mul_(fp32, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(fp32, exp_avgs, denoms, value=-lr / bias_correction1)
+    for p, param in zip(params, fp32):
+        if param is not p:
+            p.copy_(param)
 
 
 def check_linear_cross_entropy_inputs(hidden: torch.Tensor, weight: torch.Tensor,
