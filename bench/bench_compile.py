@@ -40,10 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from bench_train import CONFIGS, SEED, byte_tokens, model_sizes  # noqa: E402
 from fastgpt import ops  # noqa: E402
-from fastgpt.data import NextTokenDataset  # noqa: E402
+from fastgpt.data import BatchStream, NextTokenDataset  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
-from fastgpt.train import BatchStream, train_step, training_module  # noqa: E402
+from fastgpt.train import train_step, training_module  # noqa: E402
 from timing import time_ms, write_result  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-3, 0.01

@@ -57,11 +57,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.config import make_config  # noqa: E402
-from fastgpt.data import NextTokenDataset, load_corpus  # noqa: E402
+from fastgpt.data import BatchStream, NextTokenDataset, load_corpus  # noqa: E402
 from fastgpt.model import GPT, CausalSelfAttention  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
-from fastgpt.train import (  # noqa: E402
-    BatchStream, autocast, estimate_loss, train_step, training_module)
+from fastgpt.train import autocast, estimate_loss, train_step, training_module  # noqa: E402
 from timing import LOSS_TOLERANCE, median_ms, time_ms, write_result  # noqa: E402  (bench/timing.py)
 
 SEED = 1337

@@ -33,7 +33,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import FastGPTError, ops  # noqa: E402
 from fastgpt.config import PRESETS, make_config, parse_value  # noqa: E402
-from fastgpt.train import read_metrics, train  # noqa: E402
+from fastgpt.metrics import read_metrics  # noqa: E402
+from fastgpt.train import train  # noqa: E402
 from timing import LOSS_TOLERANCE  # noqa: E402  (bench/timing.py)
 
 

@@ -1,11 +1,11 @@
 """Checkpoints: written atomically, read with torch.load(weights_only=True) so that loading a
-checkpoint can never run code, and checked against the checksum stored in them.
+checkpoint can never run code, and checked against the checksum stored in them; which one
+a run directory resumes from, and the RNG states they carry.
 
 A checkpoint is a dict of tensors and plain Python values:
   format, step, config (TrainConfig as a dict), model, optimizer (state_dicts),
-  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (torch and cuda RNG states; under
-  torchrun rank 0's, and every rank's in a list "ranks"),
-  data_position (see train.BatchStream), best_val_loss, evals_since_best, tokens_seen,
+  tokenizer (its JSON), corpus ({"name", "sha256"}), rng (see `rng_state`),
+  data_position (see data.BatchStream), best_val_loss, evals_since_best, tokens_seen,
   checksum ({"algorithm", "value"}: see `checksum`; absent from checkpoints of a fastgpt
   before it, which load with a warning)
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import pickle
 import re
 import struct
@@ -25,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from fastgpt import FastGPTError
-from fastgpt.config import TrainConfig
+from fastgpt import FastGPTError, distributed
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.fileio import atomic_open
 from fastgpt.model import GPT
+from fastgpt.optim import param_groups
+from fastgpt.rundir import RunDir
 from fastgpt.tokenizer import Tokenizer
 
 CHECKPOINT_FORMAT = 1  # the checksum key is additive: older fastgpt reads these files too
@@ -90,6 +93,138 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint"
         reason = str(exc).strip().splitlines()[0]
         raise FastGPTError(f"{path} does not fit this fastgpt's GPT ({reason[:200]})") from None
     return model, config, Tokenizer.from_json(checkpoint["tokenizer"])
+
+
+# --- a run directory's checkpoints --------------------------------------------------------
+
+
+def check_new_run(run: RunDir) -> None:
+    """Raise when `run` already holds a run (a new run would overwrite it)."""
+    found = run.markers()
+    if not found:
+        return
+    if "last.pt" in found:
+        how = "continue it with --resume"
+    elif "best.pt" in found:
+        how = (f"it has best.pt but no last.pt: to continue from best.pt, copy it "
+               f"(cp {run.best} {run.last}) and use --resume")
+    else:
+        how = "it stopped before its first checkpoint: delete the directory to start over"
+    raise FastGPTError(f"{run.directory} already holds a run ({', '.join(found)}); {how}, "
+                       f"or start another with --name NEW_NAME")
+
+
+def check_resumable(run: RunDir) -> None:
+    """Raise, saying how to go on, when `run` has no last.pt to resume."""
+    if run.last.is_file():
+        return
+    if run.best.is_file():
+        raise FastGPTError(f"--resume: {run.directory} has best.pt but no last.pt; to continue "
+                           f"from best.pt, copy it (cp {run.best} {run.last}) and resume again")
+    if run.markers():
+        raise FastGPTError(f"--resume: {run.directory} has no checkpoint (its run stopped "
+                           f"before writing one); delete it and start again without --resume")
+    raise FastGPTError(f"--resume: there is no checkpoint at {run.last}; "
+                       f"start the run without --resume")
+
+
+def load_resumable(run: RunDir, log: Callable[[str], None] = _warn,
+                   config: TrainConfig | None = None) -> dict:
+    """`run`'s last.pt, loaded, which must belong to `run` (see _check_belongs) and, given
+    `config`, have its model shape and weight decay groups."""
+    check_resumable(run)
+    checkpoint = load_checkpoint(run.last, log=log)
+    _check_belongs(checkpoint, run.last, run.config)
+    for field in ARCHITECTURE_FIELDS + ("weight_decay_all",) if config is not None else ():
+        if checkpoint["config"][field] != getattr(config, field):
+            raise FastGPTError(
+                f"{run.last} was trained with {field}={checkpoint['config'][field]}; "
+                f"it cannot resume with {field}={getattr(config, field)}")
+    return checkpoint
+
+
+def _check_belongs(checkpoint: dict, path: Path, run_info_path: Path) -> None:
+    """Raise when the checkpoint at `path` was not written by the run whose config.json is
+    at `run_info_path` (a last.pt copied from another run): its model shape, corpus or
+    tokenizer differ. Without a config.json (an older fastgpt's run) there is nothing to
+    check against."""
+    try:
+        info = json.loads(run_info_path.read_text())
+        run = {**{f: info["config"][f] for f in ARCHITECTURE_FIELDS},
+               "corpus sha256": info["corpus_sha256"],
+               "tokenizer sha256": info["tokenizer_sha256"]}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, KeyError):
+        raise FastGPTError(f"{run_info_path} is unreadable, so {path} cannot be checked against "
+                           f"it; delete it to resume without that check") from None
+    mine = {**{f: checkpoint["config"].get(f) for f in ARCHITECTURE_FIELDS},
+            "corpus sha256": checkpoint.get("corpus", {}).get("sha256"),
+            "tokenizer sha256": Tokenizer.from_json(checkpoint["tokenizer"]).sha256}
+    differ = [key for key in run if mine[key] != run[key]]
+    if differ:
+        said = "; ".join(f"{key} {_short(mine[key])}, not {_short(run[key])}" for key in differ)
+        raise FastGPTError(f"{path} does not belong to {path.parent}: it has {said} as its "
+                           f"config.json says (copied from another run?); resume it in the "
+                           f"directory of the run that wrote it")
+
+
+def _short(value) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) > 12 else str(value)
+
+
+def restore_training(checkpoint: dict, path: Path, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """The model's weights and the optimizer's state from `checkpoint` (read from `path`),
+    with this run's hyperparameters (which a resume may override): betas, eps, decay."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FastGPTError(f"{path} does not fit this run ({reason})") from None
+    for group, decay in zip(optimizer.param_groups, param_groups(
+            model, config.weight_decay, config.weight_decay_all)):
+        group.update(betas=(config.beta1, config.beta2), eps=config.eps,
+                     weight_decay=decay["weight_decay"])
+
+
+# --- a run's RNG state -------------------------------------------------------------------
+
+
+def rng_state(ctx: distributed.Context, device: torch.device) -> dict:
+    """This process's RNG states ("torch", "cuda"). In a distributed run: rank 0's at the
+    top level (what a single process resumes with) and every rank's under "ranks"."""
+    cuda = None
+    if device.type == "cuda":
+        cuda = [torch.cuda.get_rng_state(device)] if ctx.enabled else torch.cuda.get_rng_state_all()
+    mine = {"torch": torch.get_rng_state(), "cuda": cuda}
+    if not ctx.enabled:
+        return mine
+    ranks = distributed.all_gather(ctx, mine)
+    return {**ranks[0], "ranks": ranks}
+
+
+def restore_rng(rng: dict, ctx: distributed.Context, device: torch.device, fresh_seed: int,
+                log: Callable[[str], None] = _warn) -> None:
+    """Each rank takes back its own RNG state when the checkpoint has one for it (same
+    number of ranks); else rank 0 takes the top-level state and the others `fresh_seed`."""
+    ranks = rng.get("ranks")
+    same_ranks = ranks is not None and len(ranks) == ctx.world_size
+    saved_by = len(ranks) if ranks else 1
+    if ctx.enabled and saved_by != ctx.world_size:
+        log(f"the checkpoint was written by {saved_by} process(es), this run has "
+            f"{ctx.world_size}: ranks other than 0 draw fresh dropout randomness")
+    mine = ranks[ctx.rank] if ctx.enabled and same_ranks else rng if ctx.is_main else None
+    if mine is None:
+        torch.manual_seed(fresh_seed)
+        return
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and mine["cuda"] is not None:
+        if ctx.enabled:
+            torch.cuda.set_rng_state(mine["cuda"][0], device)
+        else:
+            torch.cuda.set_rng_state_all(mine["cuda"])
 
 
 def checksum(checkpoint: dict, algorithm: str = CHECKSUM_ALGORITHM) -> str:

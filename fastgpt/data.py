@@ -1,4 +1,5 @@
-"""Corpus sources, the token cache (`prepare`), the 90/10 split and next-token batches.
+"""Corpus sources, the token cache (`prepare`), the 90/10 split and next-token batches
+(BatchStream: the training's, resumable).
 
 Corpus sources:
   shakespeare  tiny-shakespeare (1,115,394 bytes), downloaded once into the cache dir and
@@ -384,3 +385,46 @@ def make_loader(dataset: NextTokenDataset, batch_size: int, generator: torch.Gen
                 pin_memory: bool = False, drop_last: bool = True) -> ShuffledBatches:
     """Shuffled batches (B, T) drawn with `generator`, so the order is reproducible."""
     return ShuffledBatches(dataset, batch_size, generator, pin_memory, drop_last)
+
+
+class BatchStream:
+    """Endless shuffled training batches, epoch after epoch, that can be saved and resumed.
+
+    Its position is (epoch, batches taken in that epoch) plus the generator's state at the
+    epoch's start: resuming replays that epoch's shuffle and skips the batches already taken.
+    """
+
+    def __init__(self, dataset: NextTokenDataset, batch_size: int, seed: int, pin_memory: bool):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loader = make_loader(dataset, batch_size, self.generator, pin_memory=pin_memory)
+        self.epoch, self.batch = 0, 0
+        self._epoch_start = self.generator.get_state()
+        self._iterator: Iterator | None = None
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iterator is None:
+            self._epoch_start = self.generator.get_state()
+            self._iterator = iter(self.loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.batch, self._iterator = self.epoch + 1, 0, None
+            return next(self)
+        self.batch += 1
+        return batch
+
+    # How the order is drawn (ShuffledBatches); before it, a torch DataLoader drew it.
+    SAMPLER = "randperm-1"
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "generator": self._epoch_start,
+                "sampler": self.SAMPLER}
+
+    def load_state_dict(self, state: dict, log: Log = print) -> None:
+        if state.get("sampler") != self.SAMPLER:
+            log("this checkpoint's data order was drawn by an older fastgpt: the batches "
+                "after the resume differ from those the uninterrupted run would have seen")
+        self.generator.set_state(state["generator"])
+        self.epoch, self.batch, self._iterator = state["epoch"], 0, None
+        for _ in range(state["batch"]):
+            next(self)

@@ -1,5 +1,6 @@
-"""Data-parallel training on torch.distributed: one process per GPU (or several CPU
-processes), launched by torchrun, each holding the whole model (DistributedDataParallel).
+"""The device a run trains on (`pick_device`), and data-parallel training on
+torch.distributed: one process per GPU (or several CPU processes), launched by torchrun,
+each holding the whole model (DistributedDataParallel).
 
     torchrun --nproc_per_node 8 -m fastgpt train --preset seed
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
@@ -18,6 +19,7 @@ not depend on the number of ranks.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib
 import os
 from collections.abc import Iterator
@@ -91,13 +93,30 @@ def setup(device_spec: str, timeout_s: float) -> tuple[Context, torch.device]:
     return Context(rank, local_rank, world_size, enabled=True, cpu_group=cpu_group), device
 
 
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise FastGPTError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastGPTError(f"device {spec!r} asked for, but this PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise FastGPTError(f"device {spec!r} asked for, but there are only "
+                           f"{torch.cuda.device_count()} CUDA GPUs")
+    return device
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def teardown(ctx: Context, device: torch.device) -> None:
-    """Leave the process group at a point every rank reaches (the end of the run, or a
-    non-finite loss that all of them saw).
+def teardown(ctx: Context, device: torch.device, dropping: BaseException | None = None) -> None:
+    """Leave the process group at a point every rank reaches (the end of the run, or an
+    error that all of them raised there: `dropping`, whose traceback is dropped first).
 
     The ranks wait for each other first, so none leaves while another still works (rank 0
     writing the last checkpoint). The group is freed, and gloo's worker threads joined,
@@ -109,9 +128,26 @@ def teardown(ctx: Context, device: torch.device) -> None:
     aborts the process ("terminate called without an active exception"; about 1 two-rank
     CPU run in 40).
     """
+    if dropping is not None:
+        # Its traceback's frames hold the run's DDP model, which holds the group: drop them
+        # (and the cycles they sit in) so that leaving the group frees it.
+        dropping.with_traceback(None)
+        gc.collect()
     if dist.is_initialized():
         barrier(ctx, device)
         dist.destroy_process_group()
+
+
+def collective_failure(ctx: Context, exc: RuntimeError) -> FastGPTError | None:
+    """The one-line error for `exc` when it is a failed collective (NCCL's DistBackendError,
+    gloo's plain RuntimeError) in a distributed run; else None."""
+    text = str(exc).strip()
+    if not (ctx.enabled and (isinstance(exc, dist.DistError)
+                             or "gloo" in text.lower() or "nccl" in text.lower())):
+        return None
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    return FastGPTError(f"rank {ctx.rank}: a collective with the other ranks failed "
+                        f"({first}); another rank has probably stopped: see its output")
 
 
 def barrier(ctx: Context, device: torch.device) -> None:

@@ -11,7 +11,7 @@ import torch
 from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.model import GPT
-from fastgpt.train import pick_device
+from fastgpt.distributed import pick_device
 
 
 def _check_sampling(temperature: float, top_k: int | None) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import TrainConfig, make_config
-from fastgpt.train import read_metrics
+from fastgpt.metrics import read_metrics
 
 def gpu(test):
     """A test that needs a CUDA GPU: skipped without one, marked `gpu` (bench/gpu_check.sh

@@ -452,3 +452,41 @@ def test_incompatible_weights_are_a_clear_error(tmp_path, real_text):
     save_checkpoint(tmp_path / "c.pt", state)
     with pytest.raises(FastGPTError, match="does not fit"):
         model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"), tmp_path / "c.pt")
+
+
+# --- a checkpoint belongs to its run directory ------------------------------------------
+
+
+@pytest.mark.parametrize("other", ["d_model", "corpus"])
+def test_a_last_pt_copied_from_another_run_is_refused_in_one_line(tmp_path, corpus_file,
+                                                                   real_text, capsys, other):
+    # another run's last.pt over this one's: another d_model, or the same shape trained on
+    # another corpus. Resumed, metrics.jsonl would mix two models.
+    from fastgpt.cli import main
+    from fastgpt.train import resume_config, train
+    from helpers import tiny_config
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, corpus_file, max_steps=2, eval_interval=2))
+    if other == "d_model":
+        train(tiny_config(runs, corpus_file, name="other", d_model=64, max_steps=2,
+                          eval_interval=2))
+    else:
+        other_corpus = tmp_path / "other.txt"
+        other_corpus.write_text(real_text[len(real_text) // 2:])
+        train(tiny_config(runs, other_corpus, name="other", max_steps=2, eval_interval=2))
+    mine = runs / "tiny"
+    (mine / "last.pt").write_bytes((runs / "other" / "last.pt").read_bytes())
+    before = {name: (mine / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    capsys.readouterr()
+
+    with pytest.raises(FastGPTError) as refused:
+        resume_config(str(runs), "tiny", {"max_steps": 4})
+    assert_one_line(str(refused.value), f"{mine / 'last.pt'} does not belong to {mine}",
+                    "d_model" if other == "d_model" else "corpus")
+    with pytest.raises(FastGPTError, match="does not belong"):  # train() checks it too
+        train(tiny_config(runs, corpus_file, **({"d_model": 64} if other == "d_model" else {}),
+                          max_steps=4, eval_interval=2), resume=True)
+    assert main(["train", "--resume", "--name", "tiny", "--runs_dir", str(runs)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "does not belong" in error, error
+    assert {name: (mine / name).read_bytes() for name in before} == before

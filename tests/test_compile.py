@@ -14,7 +14,8 @@ import torch._dynamo
 from fastgpt import ops
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT
-from fastgpt.train import read_metrics, resume_config, train, training_module
+from fastgpt.metrics import read_metrics
+from fastgpt.train import resume_config, train, training_module
 from helpers import require_or_skip, tiny_config
 
 

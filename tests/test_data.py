@@ -15,8 +15,8 @@ import torch
 
 import fastgpt.data as data_mod
 from fastgpt import FastGPTError
-from fastgpt.data import (Corpus, NextTokenDataset, cache_dir, load_corpus, make_loader,
-                          prepare)
+from fastgpt.data import (BatchStream, Corpus, NextTokenDataset, cache_dir, load_corpus,
+                          make_loader, prepare)
 from fastgpt.tokenizer import Tokenizer
 
 
@@ -733,3 +733,16 @@ def test_loader_draws_one_randperm_per_pass():
     assert torch.equal(torch.cat([x[:, 0] for x, _ in first]), order)
     assert not torch.equal(torch.cat([x[:, 0] for x, _ in second]), order)
     assert len(loader) == 6 and len(make_loader(ds, 8, torch.Generator())) == 5
+
+
+def test_a_data_position_from_the_old_sampler_resumes_with_a_warning(capsys):
+    stream = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
+    next(stream)
+    state = stream.state_dict()
+    resumed = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)[0], next(stream)[0])
+    assert "older fastgpt" not in capsys.readouterr().out
+    del state["sampler"]  # as a checkpoint written before data.ShuffledBatches
+    resumed.load_state_dict(state)
+    assert "drawn by an older fastgpt" in capsys.readouterr().out

@@ -17,7 +17,8 @@ import torch
 from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.distributed import Context, Shares
-from fastgpt.train import read_metrics, resume_config, train
+from fastgpt.metrics import read_metrics
+from fastgpt.train import resume_config, train
 from helpers import assert_same_run, tiny_cli_args, tiny_config
 
 # Two processes and one add the same per-sequence gradients in other orders (an

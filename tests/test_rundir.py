@@ -15,7 +15,8 @@ import pytest
 from fastgpt import FastGPTError
 from fastgpt.cli import main
 from fastgpt.rundir import RunDir, RunInUse
-from fastgpt.train import read_metrics, resume_config, train
+from fastgpt.metrics import read_metrics
+from fastgpt.train import resume_config, train
 from helpers import tiny_cli_args, tiny_config
 
 

@@ -13,8 +13,9 @@ import torch
 import fastgpt.train as train_module
 from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint
+from fastgpt.metrics import read_metrics
 from fastgpt.model import GPT
-from fastgpt.train import NonFiniteLoss, lr_at, read_metrics, resume_config, train
+from fastgpt.train import NonFiniteLoss, lr_at, resume_config, train
 from helpers import assert_same_run, gpu, quick, require_or_skip, tiny_cli_args, tiny_config
 
 
@@ -263,7 +264,7 @@ def test_resume_applies_new_hyperparameters_but_refuses_new_decay_groups(tmp_pat
     ("cuda:7", "CUDA"),
 ])
 def test_bad_devices(spec, message):
-    from fastgpt.train import pick_device
+    from fastgpt.distributed import pick_device
     if spec == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     with pytest.raises(FastGPTError, match=message):
@@ -292,25 +293,8 @@ def test_backend_field_sets_the_process_default_for_the_run(tmp_path, corpus_fil
         assert ops.get_backend() == "auto"
 
 
-def test_a_data_position_from_the_old_sampler_resumes_with_a_warning(capsys):
-    from fastgpt.data import NextTokenDataset
-    from fastgpt.train import BatchStream
-
-    stream = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
-    next(stream)
-    state = stream.state_dict()
-    resumed = BatchStream(NextTokenDataset(np.arange(100, dtype=np.uint16), 4), 8, 0, False)
-    resumed.load_state_dict(state)
-    assert torch.equal(next(resumed)[0], next(stream)[0])
-    assert "older fastgpt" not in capsys.readouterr().out
-    del state["sampler"]  # as a checkpoint written before data.ShuffledBatches
-    resumed.load_state_dict(state)
-    assert "drawn by an older fastgpt" in capsys.readouterr().out
-
-
 def test_training_goes_on_without_matplotlib(tmp_path, corpus_file, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    monkeypatch.delattr(train_module.plot_losses, "warned", raising=False)
     summary = train(tiny_config(tmp_path / "runs", corpus_file, max_steps=4, eval_interval=2))
     assert summary["step"] == 4
     run_dir = tmp_path / "runs" / "tiny"
@@ -453,7 +437,7 @@ def test_the_time_to_max_steps_is_said_once_early_on(tmp_path, corpus_file, caps
 
 def test_the_estimate_counts_steps_and_evals_and_hints_at_the_cpu_preset():
     from fastgpt.config import make_config
-    from fastgpt.train import eta_line
+    from fastgpt.progress import eta_line
     seed, cpu = make_config("seed"), make_config("cpu")
     # the seed preset on this project's CPU: ~7 s/step; 20 evals of 50+50 batches, each
     # batch a forward (~1/3 of a step): 233 s each
@@ -584,3 +568,67 @@ def test_on_a_gpu_the_training_step_never_syncs(bf16):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+# --- the run-level doors: refusals before anything is written, and what a run says ------
+
+
+@pytest.mark.parametrize("damage", ["7", '{"kind": "train", "loss": 4.2}', "[1, 2"])
+def test_a_damaged_metrics_line_refuses_the_resume_in_one_line_and_loses_nothing(
+        tmp_path, corpus_file, capsys, damage):
+    from fastgpt.cli import main
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, corpus_file, max_steps=2, eval_interval=2))
+    metrics = runs / "tiny" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:2] + [damage + "\n"] + lines[2:])  # line 3 of 5
+    metrics.write_text(damaged)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--name", "tiny", "--runs_dir", str(runs),
+                 "--max_steps", "3"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{metrics}, line 3" in error, error
+    assert metrics.read_text() == damaged
+
+
+def test_nothing_is_created_before_the_config_and_device_are_checked(tmp_path, corpus_file,
+                                                                     capsys):
+    from fastgpt.cli import main
+    runs = tmp_path / "runs"
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    with pytest.raises(FastGPTError, match="CUDA"):
+        train(tiny_config(runs, corpus_file, device=missing_gpu))
+    assert main(["train", *tiny_cli_args(runs, corpus_file, device=missing_gpu)]) == 1
+    assert "CUDA" in capsys.readouterr().err
+    with pytest.raises(FastGPTError, match="no checkpoint"):
+        train(tiny_config(runs, corpus_file), resume=True)
+    assert not runs.exists()
+
+
+def test_on_a_cpu_a_run_of_hours_says_so_before_its_first_eval(tmp_path, corpus_file,
+                                                               monkeypatch, capsys):
+    said_before_the_eval = []
+
+    def eval_that_stops(*args, **kwargs):
+        said_before_the_eval.append(capsys.readouterr().out)
+        raise KeyboardInterrupt  # the test has what it wants: stop the run
+
+    monkeypatch.setattr(train_module, "estimate_loss", eval_that_stops)
+    with pytest.raises(KeyboardInterrupt):  # hours on any CPU: 10 million tiny steps
+        train(tiny_config(tmp_path / "runs", corpus_file, device="cpu", max_steps=10_000_000,
+                          eval_interval=1_000_000))
+    [before] = said_before_the_eval
+    [line] = [line for line in before.splitlines() if "to max_steps=10000000" in line]
+    assert "one forward and backward" in line and " h " in line, line
+    assert "`--preset cpu` trains a smaller one in minutes" in line
+
+
+def test_a_finished_run_ends_saying_how_to_sample_from_it(tmp_path, corpus_file, capsys):
+    import shlex
+    from fastgpt.cli import main
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, corpus_file, name="done", max_steps=2, eval_interval=2))
+    last = capsys.readouterr().out.splitlines()[-1]
+    command = last[last.index("fastgpt sample"):]
+    assert command == f"fastgpt sample --run done --runs_dir {shlex.quote(str(runs))}", last
+    assert main([*shlex.split(command)[1:], "--max_new_tokens", "3"]) == 0  # it works
