@@ -10,6 +10,10 @@ torch.optim.AdamW, fp32: 1e-6 of each tensor's largest entry (tests/test_adamw.p
 docstring: the paths differ where a compiler fuses a multiply-add). Attention: the bounds of
 errors_against_fp64 (fastgpt/ops/cuda_attention.py states each one's reason)."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,6 +152,100 @@ def test_a_failed_call_leaves_nothing_for_the_next(kernels_on_cpu):
     kernels_on_cpu.planted("cells_across_lanes", True, 1)  # no stale hazards reported
     with pytest.raises(ValueError, match="schedule must be forward, reversed or shuffled"):
         kernels_on_cpu.planted("cells_across_lanes", True, 1, "backward", 0)
+
+
+# --- the fiber switch ------------------------------------------------------------------------------
+
+# Two fibers and the scheduler (main) take turns; fiber 0 rounds downward (fesetround sets the x87
+# control word and MXCSR). Each records, after every resume, its rounding mode by the x87 control
+# word (fegetround) and by MXCSR (the bits of an SSE float 1/3: ...AA downward, ...AB to
+# nearest), and keeps eight running sums live across every switch (at -O2 in rbx, rbp, r12-r15 or
+# the stack). Then a fiber throws and catches an exception through frames that were switched
+# out and back in.
+FIBER_SWITCH_PROGRAM = r"""
+#include "fiber_switch.h"
+#include <cfenv>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+using namespace cuda_on_cpu;
+
+FiberContext scheduler, fibers[2];
+volatile float one = 1, three = 3;
+volatile uint64_t seed = 3;
+
+void report(int who) {
+  const float third = one / three;
+  uint32_t bits;
+  std::memcpy(&bits, &third, 4);
+  std::printf("%d %s %08x\n", who, std::fegetround() == FE_DOWNWARD ? "down" : "nearest", bits);
+}
+
+template <int kWho>
+void fiber() {
+  if (kWho == 0) std::fesetround(FE_DOWNWARD);
+  uint64_t s[8];
+  for (int j = 0; j < 8; ++j) s[j] = seed + j + kWho;
+  for (int i = 0; i < 3; ++i) {
+    fiber_switch(fibers[kWho], scheduler);
+    report(kWho);
+    for (int j = 0; j < 8; ++j) s[j] = s[j] * (2 * j + 3) + i;
+  }
+  uint64_t sum = 0;
+  for (int j = 0; j < 8; ++j) sum = sum * 31 + s[j];
+  std::printf("%d sums %llu\n", kWho, static_cast<unsigned long long>(sum));
+  try {
+    fiber_switch(fibers[kWho], scheduler);
+    throw std::runtime_error("thrown after a switch");
+  } catch (const std::exception& e) {
+    std::printf("%d caught %s\n", kWho, e.what());
+  }
+  fiber_switch(fibers[kWho], scheduler);
+  __builtin_unreachable();
+}
+
+int main() {
+  static char stacks[2][64 * 1024];
+  fiber_start(fibers[0], stacks[0], sizeof(stacks[0]), fiber<0>);
+  fiber_start(fibers[1], stacks[1], sizeof(stacks[1]), fiber<1>);
+  for (int turn = 0; turn < 10; ++turn) {
+    fiber_switch(scheduler, fibers[turn % 2]);
+    if (turn % 2 == 0) report(2);
+  }
+}
+"""
+
+
+def test_the_fiber_switch_keeps_each_fiber_s_registers_and_rounding_mode(tmp_path):
+    """tests/cuda_on_cpu/fiber_switch.h alone, in a program of its own (compiled in about a
+    second, without torch's headers)."""
+    source = tmp_path / "fiber_switch_test.cpp"
+    source.write_text(FIBER_SWITCH_PROGRAM)
+    program = tmp_path / "fiber_switch_test"
+    here = Path(__file__).resolve().parent / "cuda_on_cpu"
+    subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-std=c++20", f"-I{here}", str(source),
+                    "-o", str(program)], check=True)
+    lines = subprocess.run([str(program)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+
+    def sums(who):  # the fiber's computation without the switches
+        s = [3 + j + who for j in range(8)]
+        for i in range(3):
+            s = [(s[j] * (2 * j + 3) + i) % 2 ** 64 for j in range(8)]
+        total = 0
+        for value in s:
+            total = (total * 31 + value) % 2 ** 64
+        return total
+
+    down, nearest = "down 3eaaaaaa", "nearest 3eaaaaab"
+    assert lines == [f"2 {nearest}",  # fiber 0 started, fiber 1 started
+                     f"0 {down}", f"2 {nearest}", f"1 {nearest}",
+                     f"0 {down}", f"2 {nearest}", f"1 {nearest}",
+                     f"0 {down}", f"0 sums {sums(0)}", f"2 {nearest}",
+                     f"1 {nearest}", f"1 sums {sums(1)}",
+                     "0 caught thrown after a switch", f"2 {nearest}",
+                     "1 caught thrown after a switch"]
 
 
 # --- attention under schedules -------------------------------------------------------------------

@@ -3,7 +3,7 @@
 // synchronisation and tensor-core data flow that the GPU runs, against the tiled Python twin, the
 // explicit reference and torch.optim.AdamW.
 //
-// Model: blocks run one after another; a block's threads are fibers (ucontext) on one OS
+// Model: blocks run one after another; a block's threads are fibers (fiber_switch.h) on one OS
 // thread, each running until it waits at a barrier, so a barrier that not every thread
 // reaches (a divergent __syncthreads or warp collective) is reported as a deadlock instead
 // of hanging. The order is a Schedule: blocks forward, reversed or shuffled, and within a
@@ -31,9 +31,8 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include "fiber_switch.h"
 #include "racecheck.h"
-
-#include <ucontext.h>
 
 #include <atomic>
 #include <bit>
@@ -113,7 +112,7 @@ struct AsyncCopy {
 };
 
 struct Fiber {
-  ucontext_t context;
+  FiberContext context;
   std::unique_ptr<char[]> stack;
   Barrier* waiting_on = nullptr;  // with the generation it waits to end
   uint64_t waiting_generation = 0;
@@ -152,11 +151,7 @@ class Block {
     for (size_t t = 0; t < fibers_.size(); ++t) {
       Fiber& f = fibers_[t];
       f.stack.reset(new char[kStackBytes]);
-      getcontext(&f.context);
-      f.context.uc_stack.ss_sp = f.stack.get();
-      f.context.uc_stack.ss_size = kStackBytes;
-      f.context.uc_link = &scheduler_;
-      makecontext(&f.context, &Block::fiber_main, 0);
+      fiber_start(f.context, f.stack.get(), kStackBytes, &Block::fiber_main);
     }
     current_block() = this;
     position_ = static_cast<int>(order_.size()) - 1;
@@ -172,7 +167,7 @@ class Block {
       watch.who = &fibers_[current_].who;
       watch.stack_begin = reinterpret_cast<uintptr_t>(fibers_[current_].stack.get());
       watch.stack_size = kStackBytes;
-      swapcontext(&scheduler_, &fibers_[current_].context);
+      fiber_switch(scheduler_, fibers_[current_].context);
       watch.who = nullptr;
     }
     current_block() = nullptr;
@@ -279,6 +274,7 @@ class Block {
     uint64_t calls[kWarpSize] = {};
   };
 
+  // A fiber's entry: runs the kernel, then switches back to the scheduler for good.
   static void fiber_main() {
     Block* block = current_block();
     try {
@@ -292,7 +288,8 @@ class Block {
                       ": ended with cp.async copies it never waited for";
     }
     self.done = true;
-    // returning resumes uc_link, the scheduler
+    fiber_switch(self.context, block->scheduler_);
+    __builtin_unreachable();  // never resumed
   }
 
   CUDA_ON_CPU_INTERNAL void wait(Barrier& barrier) {
@@ -305,7 +302,7 @@ class Block {
     Fiber& self = fibers_[current_];
     self.waiting_on = &barrier;
     self.waiting_generation = barrier.generation;
-    swapcontext(&self.context, &scheduler_);
+    fiber_switch(self.context, scheduler_);
     if (!error_.empty()) throw std::runtime_error("aborted");  // unwinds this fiber
   }
 
@@ -368,7 +365,7 @@ class Block {
   int position_ = 0;        // the current fiber's place in order_
   Schedule schedule_;
   std::mt19937_64 random_;
-  ucontext_t scheduler_;
+  FiberContext scheduler_;
   int current_ = -1;
   std::string error_;
   void (*body_)(void*) = nullptr;
