@@ -360,10 +360,11 @@ def gpu_stages() -> list[Stage]:
         Stage("verify", "fastgpt verify: fused against reference",
               ("{python}", "-m", "fastgpt", "verify"), expected_s=40, minimum_s=20, share_s=150),
         # the tests marked gpu_quick / gpu (tests/helpers.py): the CPU emulator's and the
-        # nvcc build's tests are CI's, not marked, so not run here
+        # nvcc build's tests are CI's, not marked, so not run here. -n 0: one process on
+        # the GPU, not pyproject's one xdist worker per core
         Stage("gpu_tests", "the quick GPU tests (pytest -m gpu_quick)",
-              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu_quick",
-               "tests"), expected_s=60, minimum_s=30, share_s=150),
+              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+               "-m", "gpu_quick", "tests"), expected_s=60, minimum_s=30, share_s=150),
         Stage("bench_cross_entropy", "cross-entropy at V = 512 and 50257",
               ("{python}", str(BENCH / "bench_cross_entropy.py"), "--vocabs", "512", "50257",
                "--out", "{result}"), expected_s=30, minimum_s=15, share_s=90),
@@ -384,8 +385,8 @@ def gpu_stages() -> list[Stage]:
         *sanitizer,
         # --full only
         Stage("gpu_tests_full", "every GPU test (pytest -m gpu)",
-              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"),
-              expected_s=300, minimum_s=60, share_s=600, full_only=True),
+              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+               "-m", "gpu", "tests"), expected_s=300, minimum_s=60, share_s=600, full_only=True),
         *(Stage(f"{script}_full", f"{script}.py, every shape it has",
                 ("{python}", str(BENCH / f"{script}.py"), "--out", "{result}"),
                 expected_s=expected, minimum_s=minimum, share_s=share, full_only=True)

@@ -10,11 +10,11 @@ serves every entry: the mutated file is restored after each.
 
 The copy is what gets tested: pytest runs with the copy as its working directory and first
 on PYTHONPATH (so `import fastgpt` is the copy's, which is checked before anything runs,
-as is that the unmutated tests pass there), and with --basetemp inside the copy, so that
-the C++ builds (the CPU extension, the CUDA kernels run on the CPU), which the session
-fixtures compile into pytest's temporary directory, are compiled afresh from the mutated
-sources on every run. FASTGPT_REQUIRE_KERNELS=1 is set: a test skipped for a missing
-toolchain would make every mutation look missed.
+as is that the unmutated tests pass there), with --basetemp inside the copy, and with the
+C++ builds' cache (the CPU extension, the CUDA kernels run on the CPU: tests/conftest.py's
+cached_build, keyed by the sources' contents) beside it, so that a mutated source is
+compiled afresh and the mutants' builds go with the scratch copy. FASTGPT_REQUIRE_KERNELS=1
+is set: a test skipped for a missing toolchain would make every mutation look missed.
 
 A mutation counts as caught only if a test failed; if the tests only errored (e.g. the
 mutated C++ did not compile), or pytest could not run them, the entry is broken: reported,
@@ -325,6 +325,7 @@ def environment(copy: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(copy)] + ([env["PYTHONPATH"]]
                                                       if env.get("PYTHONPATH") else []))
     env["FASTGPT_REQUIRE_KERNELS"] = "1"
+    env["FASTGPT_TEST_BUILD_CACHE"] = str(copy.parent / "builds")
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
     env.pop("FASTGPT_BACKEND", None)
     return env
