@@ -36,11 +36,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import report  # bench/report.py (no torch at import; bench/ is on sys.path as this runs)
+from stages import BUDGET_SKIP, finished, read_json, write_json  # bench/stages.py
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_BUDGET_S = 420
 RESERVE_S = 15  # kept back for the report at the end
-BUDGET_SKIP = "budget:"  # how the reason of a stage the budget could not fit begins
 PYTHON = sys.executable
 
 
@@ -62,29 +64,6 @@ class Stage:
     env: dict = field(default_factory=dict)
     skip: Callable[[], str | None] | None = None
     refused: tuple[str, ...] = ()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Atomically: a reader (or a kill) sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def finished(record: dict) -> bool:
-    """Whether a stage's record is an outcome to keep: passed, failed, overran, or skipped
-    for a reason other than the budget (a run cut off, or short of time, did not finish
-    it)."""
-    if record.get("status") == "skip":
-        return not record.get("reason", "").startswith(BUDGET_SKIP)
-    return record.get("status") in ("pass", "fail", "timeout")
-
-
-def read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class _Tee(threading.Thread):
@@ -170,7 +149,7 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
     out.mkdir(parents=True, exist_ok=True)
     start = clock()
     planned = [{"stage": s.name, "what": s.what, "expected_s": s.expected_s} for s in stages]
-    earlier = (read_record(out / "plan.json") or {}).get("stages", [])
+    earlier = (read_json(out / "plan.json") or {}).get("stages", [])
     if keep_finished:  # the earlier run's stages stay in the report, in their order
         names = {entry["stage"] for entry in earlier}
         planned = earlier + [entry for entry in planned if entry["stage"] not in names]
@@ -179,7 +158,7 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
             for suffix in (".json", ".result.json"):
                 (out / f"{entry['stage']}{suffix}").unlink(missing_ok=True)
         (out / "log.txt").unlink(missing_ok=True)
-    _write_json(out / "plan.json", {
+    write_json(out / "plan.json", {
         "budget_s": budget_s, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "stages": planned})
     handlers = {}
@@ -195,7 +174,7 @@ def run_stages(stages: Sequence[Stage], out: Path, budget_s: float, *,
                     echo.flush()
 
             for stage in stages:
-                previous = read_record(out / f"{stage.name}.json") if keep_finished else None
+                previous = read_json(out / f"{stage.name}.json") if keep_finished else None
                 if previous and finished(previous):
                     say(f"== {stage.name}: kept from the earlier run ({previous['status']})")
                     records.append(previous)
@@ -225,7 +204,7 @@ def _run_stage(stage: Stage, out: Path, left: float, log, echo, say, clock) -> d
                   f"{stage.minimum_s:.0f} s (about {stage.expected_s:.0f} s)")
     if reason is not None:
         record.update(status="skip", reason=reason, seconds=0.0)
-        _write_json(path, record)
+        write_json(path, record)
         say(f"== {stage.name}: SKIP ({reason})")
         return record
 
@@ -239,7 +218,7 @@ def _run_stage(stage: Stage, out: Path, left: float, log, echo, say, clock) -> d
     try:  # whatever happens here (a timeout, a stop signal), the stage's group is ended
         record.update(status="running", timeout_s=round(timeout, 1), pid=proc.pid,
                       started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_json(path, record)
+        write_json(path, record)
         tee.start()
         try:
             returncode = proc.wait(timeout=timeout)
@@ -268,7 +247,7 @@ def _run_stage(stage: Stage, out: Path, left: float, log, echo, say, clock) -> d
     result = out / f"{stage.name}.result.json"
     if result.exists():
         record["result"] = result.name
-    _write_json(path, record)
+    write_json(path, record)
     say(f"== {stage.name}: {record['status'].upper()} in {seconds:.0f} s"
         + (f" ({record['reason']})" if "reason" in record else "")
         + (" (its share ran out: killed)" if status == "timeout" else ""))
@@ -447,7 +426,7 @@ def environment(path: Path) -> int:
         "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton_version,
         "python": platform.python_version(), "cpus": os.cpu_count(),
     }
-    _write_json(path, info)
+    write_json(path, info)
     print(json.dumps(info))
     return 0
 
@@ -510,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or os.environ.get("OUT") or BENCH / "results")
     records = run_stages(stages, out, args.budget, keep_finished=args.keep_finished,
                          echo=sys.stdout.buffer)
-    sys.path.insert(0, str(BENCH))
-    import report
     written = report.assemble(out, out)
     print(f"gpu_check: wrote {', '.join(str(p) for p in written)}")
     print(report.stage_table(records))

@@ -23,9 +23,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from stages import rank, read_json  # bench/stages.py (no torch at import)
+
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-from gpu_check import BUDGET_SKIP  # noqa: E402  (bench/gpu_check.py: no torch at import)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -49,22 +49,26 @@ def _timed(row: dict) -> list[str]:
     return [key[:-3] for key in row if key.endswith("_ms")]
 
 
+def _speed_table(rows: list[dict], case: dict, ours: str, comparisons: dict) -> list[str]:
+    """A Markdown table of a benchmark's rows: the case's columns, every variant's ms, and,
+    where `ours` was timed, the comparisons' columns ({title: the cell of a row})."""
+    names = _timed(rows[0])
+    columns = {**case, **{f"{n} ms": lambda r, n=n: _ms(r[f"{n}_ms"]) for n in names}}
+    if ours in names:
+        columns.update(comparisons)
+    return _table(list(columns), [[cell(r) for cell in columns.values()] for r in rows])
+
+
 def cross_entropy(result: dict) -> list[str]:
     rows = result["rows"]
-    names = _timed(rows[0])
-    fused = "fused" in names
-    header = ["dtype", "V"] + [f"{n} ms" for n in names]
-    if fused:
-        header += ["fused vs eager", "fused vs compiled", "fused MiB", "eager MiB"]
-    body = []
-    for r in rows:
-        line = [r["dtype"], str(r["V"])] + [_ms(r[f"{n}_ms"]) for n in names]
-        if fused:
-            line += [_ratio(r["eager_ms"], r["fused_ms"]), _ratio(r["compiled_ms"], r["fused_ms"]),
-                     _mib(r["fused_peak_bytes"]), _mib(r["eager_peak_bytes"])]
-        body.append(line)
+    case = {"dtype": lambda r: r["dtype"], "V": lambda r: str(r["V"])}
+    fused = {"fused vs eager": lambda r: _ratio(r["eager_ms"], r["fused_ms"]),
+             "fused vs compiled": lambda r: _ratio(r["compiled_ms"], r["fused_ms"]),
+             "fused MiB": lambda r: _mib(r["fused_peak_bytes"]),
+             "eager MiB": lambda r: _mib(r["eager_peak_bytes"])}
     return [f"Cross-entropy forward+backward, N = {rows[0]['N']} rows (ms: median of "
-            f"{result['reps']}; MiB: peak allocated beyond the inputs):", ""] + _table(header, body)
+            f"{result['reps']}; MiB: peak allocated beyond the inputs):", ""] \
+        + _speed_table(rows, case, "fused", fused)
 
 
 def linear_cross_entropy(result: dict) -> list[str]:
@@ -89,22 +93,13 @@ def linear_cross_entropy(result: dict) -> list[str]:
 
 
 def adamw(result: dict) -> list[str]:
-    rows = result["rows"]
-    names = _timed(rows[0])
-    fused = "fastgpt" in names
-    header = ["parameters", "clip"] + [f"{n} ms" for n in names]
-    if fused:
-        header += ["fastgpt vs torch fused", "fastgpt vs foreach", "fastgpt GB/s"]
-    body = []
-    for r in rows:
-        line = [r["set"], "yes" if r["clip"] else "no"] + [_ms(r[f"{n}_ms"]) for n in names]
-        if fused:
-            line += [_ratio(r["fused_ms"], r["fastgpt_ms"]), _ratio(r["foreach_ms"], r["fastgpt_ms"]),
-                     f"{r['fastgpt_GBps']:.0f}"]
-        body.append(line)
+    case = {"parameters": lambda r: r["set"], "clip": lambda r: "yes" if r["clip"] else "no"}
+    fused = {"fastgpt vs torch fused": lambda r: _ratio(r["fused_ms"], r["fastgpt_ms"]),
+             "fastgpt vs foreach": lambda r: _ratio(r["foreach_ms"], r["fastgpt_ms"]),
+             "fastgpt GB/s": lambda r: f"{r['fastgpt_GBps']:.0f}"}
     return [f"One AdamW step (median of {result['reps']}; with clip: torch's "
             f"clip_grad_norm_ + step against fastgpt's max_grad_norm in the step):", ""] \
-        + _table(header, body)
+        + _speed_table(result["rows"], case, "fastgpt", fused)
 
 
 def train(result: dict) -> list[str]:
@@ -171,13 +166,6 @@ STATUS = {"pass": "PASS", "fail": "FAIL", "timeout": "TIMEOUT", "skip": "SKIP",
           "running": "CUT OFF"}
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run_records(*run_dirs: Path) -> list[dict]:
     """Every stage planned in the runs, in their planned order: its record (from the last
     run that finished it: a rerun of the stages a first run did not reach or finish adds
@@ -186,28 +174,19 @@ def run_records(*run_dirs: Path) -> list[dict]:
     return [record for record, _ in _merged(run_dirs)]
 
 
-def _rank(record: dict) -> int:
-    """How much a record says: an outcome (pass, fail, timeout) over a skip for a reason
-    of its own (a missing tool) over a skip for the budget over a cut-off run over none."""
-    status = record["status"]
-    if status == "skip":
-        return 1 if record.get("reason", "").startswith(BUDGET_SKIP) else 2
-    return {"pass": 3, "fail": 3, "timeout": 3, "running": 0}.get(status, -1)
-
-
 def _merged(run_dirs) -> list[tuple[dict, Path | None]]:
     """run_records, each with the directory its record came from (None: not reached). Of
     several runs' records of a stage the one that says most is kept, the later of equals
     (a rerun that fails where the first run passed is the news)."""
     planned, records = [], {}
     for run_dir in run_dirs:
-        for entry in (_read(run_dir / "plan.json") or {"stages": []})["stages"]:
+        for entry in (read_json(run_dir / "plan.json") or {"stages": []})["stages"]:
             name = entry["stage"]
             if name not in records:
                 planned.append(name)
                 records[name] = ({**entry, "status": "not reached"}, None)
-            record = _read(run_dir / f"{name}.json")
-            if record and _rank(record) >= _rank(records[name][0]):
+            record = read_json(run_dir / f"{name}.json")
+            if record and rank(record) >= rank(records[name][0]):
                 records[name] = (record, run_dir)
     return [records[name] for name in planned]
 
@@ -249,7 +228,7 @@ def assemble(run_dirs: Path | list[Path], results_dir: Path) -> list[Path]:
     """The report of the run in `run_dirs` (a directory, or a run and its reruns), written
     to `results_dir` (see the module's docstring). Returns the files written."""
     run_dirs = [run_dirs] if isinstance(run_dirs, Path) else list(run_dirs)
-    environment = next((e for e in (_read(d / f"{ENVIRONMENT}.result.json") for d in run_dirs)
+    environment = next((e for e in (read_json(d / f"{ENVIRONMENT}.result.json") for d in run_dirs)
                         if e), {})
     merged = _merged(run_dirs)
     records = [record for record, _ in merged]
@@ -260,7 +239,7 @@ def assemble(run_dirs: Path | list[Path], results_dir: Path) -> list[Path]:
         path = (run_dir or run_dirs[0]) / f"{r['stage']}.result.json"
         if run_dir is None or not path.exists() or r["stage"] == ENVIRONMENT:
             continue
-        result = _read(path)
+        result = read_json(path)
         if result is None or result.get("benchmark") not in RENDER:
             tables.append(f"#### {r['stage']}: its result file is unreadable (cut off while "
                           f"it was written?)\n")
