@@ -16,7 +16,7 @@ says so and times fastgpt's reference step and torch's for-loop on the CPU.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from fastgpt import ops  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.optim import AdamW  # noqa: E402
-from timing import median_ms, write_result  # noqa: E402  (bench/timing.py)
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, run_benchmarks)
+from timing import median_ms  # noqa: E402  (bench/timing.py)
 
 SETS = {
     "seed (11.1M)": dict(vocab_size=512, context_length=256, d_model=384, num_heads=6,
@@ -61,10 +63,7 @@ def time_step(make_optimizer, params, clip: bool, reps: int, warmup: int, cuda: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = benchmark_parser(__doc__, reps=50, warmup=5)
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     args = parser.parse_args()
 
@@ -75,7 +74,6 @@ def main() -> int:
         if not ok:
             print(f"the fused AdamW step cannot run: {why}", file=sys.stderr)
             return 1
-        card = torch.cuda.get_device_name()
         reps = args.reps
         variants = {
             "fastgpt": (lambda clip: lambda ps: AdamW(ps, lr=1e-4, backend="fused",
@@ -89,35 +87,36 @@ def main() -> int:
         }
     else:
         print("no CUDA GPU: timing fastgpt's reference step and torch's for-loop on the CPU")
-        card, reps = "CPU", min(args.reps, 3)
+        reps = min(args.reps, 3)
         variants = {
             "fastgpt-reference": (lambda clip: lambda ps: AdamW(
                 ps, lr=1e-4, backend="reference", max_grad_norm=1.0 if clip else None), False),
             "for-loop": (lambda clip: lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=False),
                          True),
         }
-    print(f"AdamW step on {card}; torch {torch.__version__}")
-    print(f"{'parameters':<20} {'clip':<5} " + " ".join(f"{name + ' ms':>20}" for name in variants)
-          + (f" {'fastgpt GB/s':>13}" if cuda else ""))
-    rows = []
-    for set_name in args.sets:
-        params = params_of(SETS[set_name], device)
-        n = sum(p.numel() for p in params)
-        for clip in (False, True):
-            row = {"set": set_name, "parameters": n, "tensors": len(params), "clip": clip}
-            for name, (make, clip_outside) in variants.items():
-                row[f"{name}_ms"] = time_step(make(clip), params, clip, reps,
-                                              min(args.warmup, reps), cuda, clip_outside)
-            line = f"{set_name:<20} {str(clip):<5} " + " ".join(
-                f"{row[f'{name}_ms']:>20.3f}" for name in variants)
-            if cuda:
-                row["fastgpt_GBps"] = 28 * n / (row["fastgpt_ms"] * 1e-3) / 1e9
-                line += f" {row['fastgpt_GBps']:>13.0f}"
-            print(line)
-            rows.append(row)
-        del params
-    write_result(args.out, "adamw", card, reps, rows)
-    return 0
+
+    @functools.lru_cache(maxsize=1)  # both clip cases of a set on the same tensors
+    def params(set_name: str) -> list[torch.nn.Parameter]:
+        return params_of(SETS[set_name], device)
+
+    def measure(case: dict) -> dict:
+        ps = params(case["set"])
+        n = sum(p.numel() for p in ps)
+        row = {"set": case["set"], "parameters": n, "tensors": len(ps), "clip": case["clip"]}
+        for name, (make, clip_outside) in variants.items():
+            row[f"{name}_ms"] = time_step(make(case["clip"]), ps, case["clip"], reps,
+                                          min(args.warmup, reps), cuda, clip_outside)
+        if cuda:
+            row["fastgpt_GBps"] = 28 * n / (row["fastgpt_ms"] * 1e-3) / 1e9
+        return row
+
+    table = Table([Column("parameters", "set", width=20, left=True),
+                   Column("clip", lambda r: str(r["clip"]), width=5, left=True)]
+                  + [Column(f"{name} ms", f"{name}_ms", ".3f", width=20) for name in variants]
+                  + ([Column("fastgpt GB/s", "fastgpt_GBps", ".0f", width=13)] if cuda else []))
+    cases = [{"set": set_name, "clip": clip} for set_name in args.sets for clip in (False, True)]
+    return run_benchmarks("adamw", "AdamW step", card_of(device), reps, cases, measure, table,
+                          args.out)
 
 
 if __name__ == "__main__":

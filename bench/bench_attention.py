@@ -35,9 +35,7 @@ float32 (CPUs without bf16 matrix units are slow at bf16), at small shapes.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -50,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import reference  # noqa: E402
 from fastgpt.ops.cuda_attention import errors_against_fp64  # noqa: E402
-from timing import median_ms, write_result  # noqa: E402  (bench/timing.py)
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, run_benchmarks)
+from timing import median_ms  # noqa: E402  (bench/timing.py)
 
 HEADS = 6
 PASSES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # FLOPs relative to the forward's
@@ -186,11 +186,54 @@ def verify(fn, q, k, v, row: dict) -> str:
             f"error {c['error']:.2e}, tolerance {c['tolerance']:.2e})")
 
 
+# each provider's times at one shape, under the shape's verdict
+PROVIDER_TABLE = Table(
+    [Column("provider", "provider", width=15, left=True)]
+    + [Column(f"{p.replace('_', '+')} {unit}", f"{p}_{key}", fmt, width=16)
+       for unit, key, fmt in (("ms", "ms", ".3f"), ("TFLOP/s", "tflops", ".2f")) for p in PASSES])
+
+
+def measure_shape(providers: dict, tokens: int, dtype: str, device: torch.device, reps: int,
+                  warmup: int, failures: list[str], case: dict) -> dict:
+    """The row of one (D, T): fastgpt checked against float64, then every provider timed
+    (or why it could not run), and fastgpt's ratios printed beside the issue's targets."""
+    D, T = case["D"], case["T"]
+    cuda = device.type == "cuda"
+    B = max(1, tokens // T)
+    generator = torch.Generator().manual_seed(1000 * T + D)
+    q, k, v = (torch.randn(B, HEADS, T, D, generator=generator)
+               .to(device, getattr(torch, dtype)).requires_grad_() for _ in range(3))
+    row = {"dtype": dtype, "B": B, "H": HEADS, "T": T, "D": D, "check": None, "correct": None}
+    shape = f"B={B} H={HEADS} T={T} D={D}"
+    verdict = "no fused kernel to check"
+    if "fastgpt" in providers:
+        verdict = verify(providers["fastgpt"], q, k, v, row)
+        if row["correct"] is False:
+            failures.append(f"{shape}: fastgpt is {verdict}")
+    print(f"\n{shape}: {verdict}")
+    print("  " + PROVIDER_TABLE.header())
+    for name, fn in providers.items():
+        times, why = run_provider(fn, q, k, v, reps, warmup, cuda)
+        row[f"{name}_error"] = why
+        timed = {"provider": name}
+        for p in PASSES:
+            ms = times[p] if times else None
+            timed[f"{p}_ms"] = row[f"{name}_{p}_ms"] = ms
+            timed[f"{p}_tflops"] = row[f"{name}_{p}_tflops"] = (
+                None if ms is None else attention_flops(B, HEADS, T, D, p) / ms / 1e9)
+        if times is None:
+            print(f"  {name:<15} unavailable: {why}")
+            if name == "fastgpt" and why != "out of memory":
+                failures.append(f"{shape}: fastgpt failed: {why}")
+            continue
+        print("  " + PROVIDER_TABLE.line(timed))
+    if "fastgpt" in providers:
+        print("\n".join(compare(row, list(providers))))
+    return row
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = benchmark_parser(__doc__, reps=20, warmup=5)
     parser.add_argument("--head-dims", type=int, nargs="+", help="D values (default: 64 128; "
                         "on a CPU 64)")
     parser.add_argument("--seqs", type=int, nargs="+", help="T values (default: 256 1024 4096; "
@@ -207,13 +250,10 @@ def main() -> int:
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here")
     if cuda:
-        card = torch.cuda.get_device_name(device)
         head_dims, seqs = args.head_dims or (64, 128), args.seqs or (256, 1024, 4096)
         tokens, dtype, reps = args.tokens or 8192, args.dtype or "bfloat16", args.reps
     else:
         print("no CUDA GPU: timing the reference and SDPA's math backend on the CPU only")
-        card = (f"CPU ({platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads)")
         head_dims, seqs = args.head_dims or (64,), args.seqs or (64, 256)
         tokens, dtype, reps = args.tokens or 1024, args.dtype or "float32", min(args.reps, 3)
     providers, why_not = providers_for(cuda)
@@ -221,53 +261,12 @@ def main() -> int:
     if why_not:
         print(f"the fused kernel cannot run: {why_not}", file=sys.stderr)
         failures.append(f"the fused kernel cannot run: {why_not}")
-    names = list(providers)
-
-    print(f"causal attention, {dtype}, {tokens} tokens a batch, H = {HEADS}, on {card}; "
-          f"torch {torch.__version__}")
-    rows = []
-    for D in head_dims:
-        for T in seqs:
-            B = max(1, tokens // T)
-            generator = torch.Generator().manual_seed(1000 * T + D)
-            q, k, v = (torch.randn(B, HEADS, T, D, generator=generator)
-                       .to(device, getattr(torch, dtype)).requires_grad_() for _ in range(3))
-            row = {"dtype": dtype, "B": B, "H": HEADS, "T": T, "D": D, "check": None,
-                   "correct": None}
-            shape = f"B={B} H={HEADS} T={T} D={D}"
-            verdict = "no fused kernel to check"
-            if "fastgpt" in providers:
-                verdict = verify(providers["fastgpt"], q, k, v, row)
-                if row["correct"] is False:
-                    failures.append(f"{shape}: fastgpt is {verdict}")
-            print(f"\n{shape}: {verdict}")
-            print(f"  {'provider':<15} " + " ".join(
-                f"{p.replace('_', '+') + ' ' + unit:>16}" for unit in ("ms", "TFLOP/s")
-                for p in PASSES))
-            for name, fn in providers.items():
-                times, why = run_provider(fn, q, k, v, reps, min(args.warmup, reps), cuda)
-                row[f"{name}_error"] = why
-                for p in PASSES:
-                    ms = times[p] if times else None
-                    row[f"{name}_{p}_ms"] = ms
-                    row[f"{name}_{p}_tflops"] = (None if ms is None else
-                                                 attention_flops(B, HEADS, T, D, p) / ms / 1e9)
-                if times is None:
-                    print(f"  {name:<15} unavailable: {why}")
-                    if name == "fastgpt" and why != "out of memory":
-                        failures.append(f"{shape}: fastgpt failed: {why}")
-                    continue
-                print(f"  {name:<15} " + " ".join(f"{row[f'{name}_{p}_ms']:>16.3f}" for p in PASSES)
-                      + " " + " ".join(f"{row[f'{name}_{p}_tflops']:>16.2f}" for p in PASSES))
-            if "fastgpt" in providers:
-                print("\n".join(compare(row, names)))
-            rows.append(row)
-            del q, k, v
-    write_result(args.out, "attention", card, reps, rows)
-    if failures:
-        print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    measure = functools.partial(measure_shape, providers, tokens, dtype, device, reps,
+                                min(args.warmup, reps), failures)
+    cases = [{"D": D, "T": T} for D in head_dims for T in seqs]
+    return run_benchmarks("attention", f"causal attention, {dtype}, {tokens} tokens a batch, "
+                          f"H = {HEADS},", card_of(device), reps, cases, measure, None, args.out,
+                          failures)
 
 
 if __name__ == "__main__":

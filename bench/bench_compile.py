@@ -27,9 +27,7 @@ on one batch.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +42,9 @@ from fastgpt.data import BatchStream, NextTokenDataset  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
 from fastgpt.train import train_step, training_module  # noqa: E402
-from timing import time_ms, write_result  # noqa: E402
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, report_failures, run_benchmarks)
+from timing import time_ms  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-3, 0.01
 
@@ -102,7 +102,7 @@ def nanogpt_step(path: str, sizes: dict, batches, device: torch.device, compile:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--config", choices=list(CONFIGS), help="default: seed on a GPU, "
                         "cpu on a CPU")
     parser.add_argument("--nanogpt", help="nanoGPT's model.py, to run it beside fastgpt")
@@ -111,28 +111,40 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compiles)")
     parser.add_argument("--corpus", default="pystdlib")
     parser.add_argument("--device", choices=["cuda", "cpu"])
-    parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     config = args.config or ("seed" if cuda else "cpu")
     sizes = CONFIGS[config]
-    card = (torch.cuda.get_device_name(device) if cuda else
-            f"CPU ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads)")
     train_ids, _ = byte_tokens(args.corpus)
     previous = ops.set_backend("reference")
     try:
-        return measure(args, config, sizes, card, device, train_ids)
+        return check_and_time(args, config, sizes, device, train_ids)
     finally:
         ops.set_backend(previous)
 
 
-def measure(args, config: str, sizes: dict, card: str, device: torch.device,
-            train_ids) -> int:
-    """The check, the timed runs and the table (main's body, under the reference ops)."""
+TABLE = Table([Column("variant", "variant", left=True),
+               Column("ms/step", "ms_per_step", ".1f"),
+               Column("vs eager fastgpt", lambda r: f"{r['vs_fastgpt']:.2f}x"),
+               Column("vs compiled nanoGPT", lambda r: r["vs_nanogpt_compiled"]
+                      and f"{r['vs_nanogpt_compiled']:.2f}x", missing=""),
+               Column("warm-up s", "warmup_s", ".1f"),
+               Column("last loss", "loss", ".4f")], markdown=True)
+
+
+def check_and_time(args, config: str, sizes: dict, device: torch.device, train_ids) -> int:
+    """The check, then the timed runs and the table (main's body, under the reference ops)."""
     cuda = device.type == "cuda"
+    check = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
+                        sizes["batch_size"], SEED, pin_memory=False)
+    loss_error, grad_error = compiled_errors(sizes, next(check), device)
+    print(f"compiled against eager, dropout off: loss {loss_error:.1e} relative, gradients "
+          f"{grad_error:.1e} of their largest entry")
+    if not (loss_error <= LOSS_RTOL and grad_error <= GRAD_RTOL):
+        return report_failures([f"the compiled step differs from the eager one (tolerances "
+                                f"{LOSS_RTOL:.0e}, {GRAD_RTOL:.0e})"])
     builders = {
         "fastgpt": lambda batches: fastgpt_step(sizes, batches, device, False),
         "fastgpt-compiled": lambda batches: fastgpt_step(sizes, batches, device, True)}
@@ -140,50 +152,37 @@ def measure(args, config: str, sizes: dict, card: str, device: torch.device,
         builders["nanogpt"] = lambda b: nanogpt_step(args.nanogpt, sizes, b, device, False)
         builders["nanogpt-compiled"] = lambda b: nanogpt_step(args.nanogpt, sizes, b, device,
                                                               True)
-    print(f"{config}: {sizes} on {card}; torch {torch.__version__}")
-    check = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
-                        sizes["batch_size"], SEED, pin_memory=False)
-    loss_error, grad_error = compiled_errors(sizes, next(check), device)
-    print(f"compiled against eager, dropout off: loss {loss_error:.1e} relative, gradients "
-          f"{grad_error:.1e} of their largest entry")
-    if not (loss_error <= LOSS_RTOL and grad_error <= GRAD_RTOL):
-        print(f"FAILED: the compiled step differs from the eager one (tolerances "
-              f"{LOSS_RTOL:.0e}, {GRAD_RTOL:.0e})", file=sys.stderr)
-        return 1
-    steps, losses, times, warmup_s = {}, {}, {}, {}
-    for name, build in builders.items():
-        batches = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
-                              sizes["batch_size"], SEED, pin_memory=cuda)
-        started = time.perf_counter()
-        steps[name] = build(batches)
-        for _ in range(args.warmup):
-            steps[name]()
-        if cuda:
-            torch.cuda.synchronize()
-        warmup_s[name] = time.perf_counter() - started
-        times[name] = []
-    for _ in range(args.runs):
-        for name, step in steps.items():
-            def run():
-                for _ in range(args.steps):
-                    losses[name] = step()
-            times[name].append(time_ms(run, cuda) / args.steps)
 
-    rows = []
-    print("\n| variant | ms/step | vs eager fastgpt | vs compiled nanoGPT | warm-up s | "
-          "last loss |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in steps:
-        ms = statistics.median(times[name])
-        row = {"variant": name, "ms_per_step": ms, "warmup_s": warmup_s[name],
-               "loss": losses[name].item(), "runs": times[name]}
-        rows.append(row)
-        vs_nano = (f"{ms / statistics.median(times['nanogpt-compiled']):.2f}x"
-                   if "nanogpt-compiled" in times else "")
-        print(f"| {name} | {ms:.1f} | {ms / statistics.median(times['fastgpt']):.2f}x | "
-              f"{vs_nano} | {warmup_s[name]:.1f} | {row['loss']:.4f} |")
-    write_result(args.out, "compile", card, args.runs, rows)
-    return 0
+    def time_in_turns(case: dict) -> list[dict]:
+        """Every variant built and warmed up, then timed in turns: a row each."""
+        steps, losses, times, warmup_s = {}, {}, {}, {}
+        for name, build in builders.items():
+            batches = BatchStream(NextTokenDataset(train_ids, sizes["context_length"], "train"),
+                                  sizes["batch_size"], SEED, pin_memory=cuda)
+            started = time.perf_counter()
+            steps[name] = build(batches)
+            for _ in range(args.warmup):
+                steps[name]()
+            if cuda:
+                torch.cuda.synchronize()
+            warmup_s[name] = time.perf_counter() - started
+            times[name] = []
+        for _ in range(args.runs):
+            for name, step in steps.items():
+                def run():
+                    for _ in range(args.steps):
+                        losses[name] = step()
+                times[name].append(time_ms(run, cuda) / args.steps)
+        medians = {name: statistics.median(runs) for name, runs in times.items()}
+        return [{"variant": name, "ms_per_step": ms, "warmup_s": warmup_s[name],
+                 "loss": losses[name].item(), "runs": times[name],
+                 "vs_fastgpt": ms / medians["fastgpt"],
+                 "vs_nanogpt_compiled": (ms / medians["nanogpt-compiled"]
+                                         if "nanogpt-compiled" in medians else None)}
+                for name, ms in medians.items()]
+
+    return run_benchmarks("compile", f"{config}: {sizes}", card_of(device), args.runs,
+                          [{"config": config}], time_in_turns, TABLE, args.out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ shapes that fit in a few seconds.
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import reference  # noqa: E402
-from timing import cuda_median_ms_and_peak, median_ms, write_result  # noqa: E402
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, run_benchmarks)
+from timing import cuda_median_ms_and_peak, median_ms  # noqa: E402  (bench/timing.py)
 
 N = 8192
 
@@ -44,17 +44,13 @@ def measure(fn, logits: torch.Tensor, targets: torch.Tensor, warmup: int, reps: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = benchmark_parser(__doc__, reps=20, warmup=5)
     parser.add_argument("--vocabs", type=int, nargs="+",
                         help="V values (default: 512 32768 131072; on a CPU 512 32768)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    card = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'unknown'})"
     if cuda:
         ok, why = ops.available()["cross_entropy"]
         if not ok:
@@ -72,33 +68,28 @@ def main() -> int:
         vocabs, reps = args.vocabs or (512, 32768), min(args.reps, 3)
         variants = {"eager": F.cross_entropy, "reference": reference.cross_entropy}
 
-    print(f"cross-entropy forward+backward, N = {N}, on {card}; torch {torch.__version__}")
-    header = f"{'dtype':<9} {'V':>7} " + " ".join(f"{name + ' ms':>13}" for name in variants)
+    def measure_case(case: dict) -> dict:
+        generator = torch.Generator().manual_seed(case["V"])
+        dtype = getattr(torch, case["dtype"])
+        logits = torch.randn(N, case["V"], generator=generator).to(device=device, dtype=dtype)
+        targets = torch.randint(0, case["V"], (N,), generator=generator).to(device)
+        row = {"dtype": case["dtype"], "N": N, "V": case["V"]}
+        for name, fn in variants.items():
+            ms, peak = measure(fn, logits, targets, min(args.warmup, reps), reps)
+            row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
+        return row
+
+    columns = [Column("dtype", "dtype", width=9, left=True), Column("V", "V", width=7)]
+    columns += [Column(f"{name} ms", f"{name}_ms", ".3f", width=13) for name in variants]
     if cuda:
-        header += " " + " ".join(f"{name + ' MiB':>13}" for name in variants)
-        header += f" {'vs eager':>9}"
-    print(header)
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for vocab in vocabs:
-            generator = torch.Generator().manual_seed(vocab)
-            logits = torch.randn(N, vocab, generator=generator).to(device=device, dtype=dtype)
-            targets = torch.randint(0, vocab, (N,), generator=generator).to(device)
-            row = {"dtype": str(dtype).replace("torch.", ""), "N": N, "V": vocab}
-            for name, fn in variants.items():
-                ms, peak = measure(fn, logits, targets, min(args.warmup, reps), reps)
-                row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
-            line = f"{row['dtype']:<9} {vocab:>7} " + " ".join(
-                f"{row[f'{name}_ms']:>13.3f}" for name in variants)
-            if cuda:
-                line += " " + " ".join(f"{row[f'{name}_peak_bytes'] / 2**20:>13.1f}"
-                                       for name in variants)
-                line += f" {row['eager_ms'] / row['fused_ms']:>8.2f}x"
-            print(line)
-            rows.append(row)
-            del logits
-    write_result(args.out, "cross_entropy", card, reps, rows)
-    return 0
+        columns += [Column(f"{name} MiB", lambda r, name=name: r[f"{name}_peak_bytes"] / 2**20,
+                           ".1f", width=13) for name in variants]
+        columns.append(Column("vs eager", lambda r: f"{r['eager_ms'] / r['fused_ms']:.2f}x",
+                              width=9))
+    cases = [{"dtype": dtype, "V": vocab} for dtype in ("float32", "bfloat16")
+             for vocab in vocabs]
+    return run_benchmarks("cross_entropy", f"cross-entropy forward+backward, N = {N},",
+                          card_of(device), reps, cases, measure_case, Table(columns), args.out)
 
 
 if __name__ == "__main__":

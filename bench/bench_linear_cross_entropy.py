@@ -29,9 +29,8 @@ as large as the logits. Exits 1 if it does not hold.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -43,8 +42,9 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import triton_linear_ce  # noqa: E402
-from timing import (  # noqa: E402  (bench/timing.py)
-    cpu_memory, cuda_median_ms_and_peak, median_ms, write_result)
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, run_benchmarks)
+from timing import cpu_memory, cuda_median_ms_and_peak, median_ms  # noqa: E402  (bench/timing.py)
 
 D = 768
 MEMORY_TARGET = 0.25   # v1's peak over eager's, at most
@@ -106,64 +106,48 @@ def measure_cuda(fn, inputs, warmup: int, reps: int) -> tuple[float | None, int 
         return None, None
 
 
-def run_cuda(args) -> int:
-    card = torch.cuda.get_device_name()
-    ok, why = ops.available()["linear_cross_entropy"]
-    if not ok:
-        print(f"the fused linear_cross_entropy cannot run: {why}", file=sys.stderr)
-        return 1
-    found = variants(cuda=True)
-    print(f"linear + cross-entropy forward+backward, bf16, d = {D}, on {card}; "
-          f"torch {torch.__version__}")
-    print(f"{'N':>6} {'V':>7} " + " ".join(f"{name + ' ms':>12}" for name in found)
-          + " " + " ".join(f"{name + ' MiB':>12}" for name in found)
-          + f" {'mem/eager':>9} {'time/comp':>9}")
-    rows = []
-    for n in args.rows:
-        for vocab in args.vocabs:
-            inputs = make_inputs(n, D, vocab, torch.device("cuda"))
-            row = {"dtype": "bfloat16", "N": n, "d": D, "V": vocab}
-            for name, fn in found.items():
-                ms, peak = measure_cuda(fn, inputs, args.warmup, args.reps)
-                row[f"{name}_ms"], row[f"{name}_peak_bytes"] = ms, peak
-            memory = (row["v1_peak_bytes"] / row["eager_peak_bytes"]
-                      if row["v1_peak_bytes"] and row["eager_peak_bytes"] else None)
-            time = (row["v1_ms"] / row["compiled_ms"]
-                    if row["v1_ms"] and row["compiled_ms"] else None)
-            row["v1_memory_vs_eager"], row["v1_time_vs_compiled"] = memory, time
-            row["v2_skipped_tiles"] = int(triton_linear_ce.LinearCrossEntropyV2.skipped_tiles)
-            row["v2_tiles"] = (-(-n // triton_linear_ce.V2_BLOCKS[0])
-                               * -(-vocab // triton_linear_ce.V2_BLOCKS[1]))
-            row["meets_targets"] = (memory is not None and time is not None
-                                    and memory <= MEMORY_TARGET and time <= TIME_TARGET)
-            fmt = lambda v, f: "oom" if v is None else format(v, f)  # noqa: E731
-            print(f"{n:>6} {vocab:>7} "
-                  + " ".join(f"{fmt(row[f'{name}_ms'], '.3f'):>12}" for name in found) + " "
-                  + " ".join(f"{fmt(row[f'{name}_peak_bytes'] and row[f'{name}_peak_bytes'] / 2**20, '.1f'):>12}"
-                             for name in found)
-                  + f" {fmt(memory, '.3f'):>9} {fmt(time, '.3f'):>9}")
-            rows.append(row)
-            del inputs
-            torch.cuda.empty_cache()
-    write_result(args.out, "linear_cross_entropy", card, args.reps, rows)
-    return 0
+def measure_cuda_case(found: dict, args, case: dict) -> dict:
+    """The row of one (N, V) at d = D on the GPU: every variant's time and peak, v1's
+    ratios and whether they meet the targets, version 2's skipped tiles."""
+    n, vocab = case["N"], case["V"]
+    inputs = make_inputs(n, D, vocab, torch.device("cuda"))
+    row = {"dtype": "bfloat16", "N": n, "d": D, "V": vocab}
+    for name, fn in found.items():
+        row[f"{name}_ms"], row[f"{name}_peak_bytes"] = measure_cuda(fn, inputs, args.warmup,
+                                                                    args.reps)
+    del inputs
+    torch.cuda.empty_cache()
+    memory = (row["v1_peak_bytes"] / row["eager_peak_bytes"]
+              if row["v1_peak_bytes"] and row["eager_peak_bytes"] else None)
+    time = row["v1_ms"] / row["compiled_ms"] if row["v1_ms"] and row["compiled_ms"] else None
+    row["v1_memory_vs_eager"], row["v1_time_vs_compiled"] = memory, time
+    row["v2_skipped_tiles"] = int(triton_linear_ce.LinearCrossEntropyV2.skipped_tiles)
+    row["v2_tiles"] = (-(-n // triton_linear_ce.V2_BLOCKS[0])
+                       * -(-vocab // triton_linear_ce.V2_BLOCKS[1]))
+    row["meets_targets"] = (memory is not None and time is not None
+                            and memory <= MEMORY_TARGET and time <= TIME_TARGET)
+    return row
 
 
-def run_cpu(args) -> int:
-    n, d, vocab = CPU_CASE
-    card = f"CPU ({platform.processor() or 'unknown'})"
-    print(f"no CUDA GPU: the memory claim on one small case on the CPU, N = {n}, d = {d}, "
-          f"V = {vocab}, bf16 (the Triton kernel through its interpreter; times are not "
-          f"a GPU's)")
-    ok, why = ops.available()["linear_cross_entropy"]
-    if not ok:
-        print(f"the fused linear_cross_entropy cannot run here: {why}", file=sys.stderr)
-        return 1
+def cuda_table(found: dict) -> Table:
+    def mib(name):
+        return lambda r: r[f"{name}_peak_bytes"] and r[f"{name}_peak_bytes"] / 2**20
+    return Table([Column("N", "N", width=6), Column("V", "V", width=7)]
+                 + [Column(f"{name} ms", f"{name}_ms", ".3f", missing="oom") for name in found]
+                 + [Column(f"{name} MiB", mib(name), ".1f", missing="oom") for name in found]
+                 + [Column("mem/eager", "v1_memory_vs_eager", ".3f", width=9, missing="oom"),
+                    Column("time/comp", "v1_time_vs_compiled", ".3f", width=9, missing="oom")])
+
+
+def measure_cpu_case(reps: int, failures: list[str], case: dict) -> dict:
+    """The memory claim on one small case on the CPU: v1 and eager, their time, peak and
+    largest allocation (from torch.profiler); a failure where it does not hold."""
+    n, d, vocab = case["N"], case["d"], case["V"]
     inputs = make_inputs(n, d, vocab, torch.device("cpu"))
     row = {"dtype": "bfloat16", "N": n, "d": d, "V": vocab}
     for name, fn in variants(cuda=False).items():
         step = step_of(fn, *inputs)
-        row[f"{name}_ms"] = median_ms(step, reps=min(args.reps, 3), warmup=1, cuda=False)
+        row[f"{name}_ms"] = median_ms(step, reps=reps, warmup=1, cuda=False)
         row[f"{name}_peak_bytes"], row[f"{name}_largest_bytes"] = cpu_memory(step)
         print(f"{name:<6} {row[f'{name}_ms']:>9.1f} ms  peak {row[f'{name}_peak_bytes'] / 2**20:7.2f} "
               f"MiB  largest allocation {row[f'{name}_largest_bytes'] / 2**20:7.2f} MiB")
@@ -171,23 +155,44 @@ def run_cpu(args) -> int:
     row["v1_memory_vs_eager"] = row["v1_peak_bytes"] / row["eager_peak_bytes"]
     row["meets_targets"] = (row["v1_memory_vs_eager"] <= MEMORY_TARGET
                             and row["v1_largest_bytes"] < logits_bytes)
-    print(f"v1's peak is {row['v1_memory_vs_eager']:.3f} of eager's (target <= "
-          f"{MEMORY_TARGET}); its largest allocation {row['v1_largest_bytes'] / 2**20:.2f} MiB "
-          f"against the logits' {logits_bytes / 2**20:.2f} MiB: "
-          f"{'holds' if row['meets_targets'] else 'DOES NOT HOLD'}")
-    write_result(args.out, "linear_cross_entropy", card, min(args.reps, 3), [row])
-    return 0 if row["meets_targets"] else 1
+    claim = (f"v1's peak is {row['v1_memory_vs_eager']:.3f} of eager's (target <= "
+             f"{MEMORY_TARGET}); its largest allocation {row['v1_largest_bytes'] / 2**20:.2f} "
+             f"MiB against the logits' {logits_bytes / 2**20:.2f} MiB")
+    print(f"{claim}: {'holds' if row['meets_targets'] else 'DOES NOT HOLD'}")
+    if not row["meets_targets"]:
+        failures.append(f"the memory claim does not hold: {claim}")
+    return row
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = benchmark_parser(__doc__, reps=10, warmup=3)
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[512, 50257, 128256])
     args = parser.parse_args()
-    return run_cuda(args) if torch.cuda.is_available() else run_cpu(args)
+
+    cuda = torch.cuda.is_available()
+    n, d, vocab = CPU_CASE
+    if not cuda:
+        print(f"no CUDA GPU: the memory claim on one small case on the CPU, N = {n}, d = {d}, "
+              f"V = {vocab}, bf16 (the Triton kernel through its interpreter; times are not "
+              f"a GPU's)")
+    ok, why = ops.available()["linear_cross_entropy"]
+    if not ok:
+        print(f"the fused linear_cross_entropy cannot run here: {why}", file=sys.stderr)
+        return 1
+    card = card_of(torch.device("cuda" if cuda else "cpu"))
+    if cuda:
+        found = variants(cuda=True)
+        cases = [{"N": rows, "V": v} for rows in args.rows for v in args.vocabs]
+        return run_benchmarks("linear_cross_entropy", f"linear + cross-entropy forward+backward, "
+                              f"bf16, d = {D},", card, args.reps, cases,
+                              functools.partial(measure_cuda_case, found, args), cuda_table(found),
+                              args.out)
+    failures, reps = [], min(args.reps, 3)
+    return run_benchmarks("linear_cross_entropy", "linear + cross-entropy forward+backward, "
+                          "bf16, the memory claim,", card, reps, [{"N": n, "d": d, "V": vocab}],
+                          functools.partial(measure_cpu_case, reps, failures), None, args.out,
+                          failures)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,8 @@ present everywhere) as token ids, so the benchmark needs no tokenizer and no net
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import platform
+import functools
 import statistics
 import sys
 import traceback
@@ -61,7 +60,9 @@ from fastgpt.data import BatchStream, NextTokenDataset, load_corpus  # noqa: E40
 from fastgpt.model import GPT, CausalSelfAttention  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
 from fastgpt.train import autocast, estimate_loss, train_step, training_module  # noqa: E402
-from timing import LOSS_TOLERANCE, median_ms, time_ms, write_result  # noqa: E402  (bench/timing.py)
+from harness import (  # noqa: E402  (bench/harness.py)
+    Column, Table, benchmark_parser, card_of, run_benchmarks)
+from timing import LOSS_TOLERANCE, median_ms, time_ms  # noqa: E402  (bench/timing.py)
 
 SEED = 1337
 LR = 3e-4
@@ -250,8 +251,8 @@ class Variant:
             return time_ms(run, self.cuda) / self.steps
 
 
-def measure(names: list[str], sizes: dict, device: torch.device, data, args,
-            failures: list[str], config: str) -> list[dict]:
+def time_in_turns(names: list[str], sizes: dict, device: torch.device, data, args,
+                  failures: list[str], config: str) -> list[dict]:
     """Build and warm up each variant, then time them in turns (run r of every variant
     before run r + 1 of any), so that a machine's drift (clocks, neighbours) is shared
     rather than charged to whichever variant ran last."""
@@ -289,8 +290,52 @@ def measure(names: list[str], sizes: dict, device: torch.device, data, args,
     return rows
 
 
+TABLE = Table([
+    Column("config", "config", width=10, left=True),
+    Column("variant", "variant", width=8, left=True),
+    Column("ms/step", "ms_per_step", ".2f", width=9),
+    Column("tokens/s", "tokens_per_s", ",.0f", width=11),
+    Column("MFU", "mfu", ".1%", width=7),
+    Column("peak GiB", lambda r: r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30,
+           ".2f", width=9),
+    Column("val loss", "val_loss", ".4f", width=9),
+    Column("vs 1", "loss_drift_vs_1", "+.2%", width=7, missing=""),
+    Column("what", lambda r: f"{r['what']} [{r['backend']}]", width=0, left=True)])
+
+
+def measure_config(names: list[str], device: torch.device, data, args, peak: tuple[float, str],
+                   card: str, failures: list[str], case: dict) -> list[dict]:
+    """The rows of one config, a variant each: timed in turns, with MFU against the
+    measured matmul `peak` (FLOP/s, dtype) and each val loss against variant 1's (a
+    failure beyond LOSS_TOLERANCE)."""
+    config = case["config"]
+    sizes = CONFIGS[config]
+    torch.manual_seed(SEED)
+    probe = GPT(**model_sizes(sizes))
+    per_token = flops_per_token(probe, sizes)
+    untrained = val_loss(probe.state_dict(), sizes, device, data[1])
+    del probe
+    print(f"{config}: {sizes}; {per_token / 1e6:.1f} MFLOP/token; val loss untrained "
+          f"{untrained:.4f}")
+    rows = time_in_turns(names, sizes, device, data, args, failures, config)
+    reference_loss = next((row["val_loss"] for row in rows if row["variant"] == "1"), None)
+    if reference_loss is None:
+        failures.append(f"{config}: variant 1 failed, so no loss could be checked")
+    for row in rows:
+        drift = (None if reference_loss is None
+                 else (row["val_loss"] - reference_loss) / reference_loss)
+        row.update(config=config, card=card, mfu=per_token * row["tokens_per_s"] / peak[0],
+                   flops_per_token=per_token, peak_tflops=peak[0] / 1e12, peak_dtype=peak[1],
+                   untrained_val_loss=untrained, loss_drift_vs_1=drift)
+        if drift is not None and row["variant"] != "inline" and not abs(drift) <= LOSS_TOLERANCE:
+            failures.append(f"{config}/{row['variant']}: val loss {row['val_loss']:.4f} is "
+                            f"{drift:+.2%} from variant 1's {reference_loss:.4f} "
+                            f"(tolerance {LOSS_TOLERANCE:.0%})")
+    return rows
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                         help="default: seed gpt2-small on a GPU, cpu on a CPU")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
@@ -302,7 +347,6 @@ def main() -> int:
                         help="pystdlib (default), shakespeare, or a UTF-8 file or directory")
     parser.add_argument("--device", choices=["cuda", "cpu"],
                         help="default: cuda if there is a GPU")
-    parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -314,57 +358,19 @@ def main() -> int:
     args.steps = args.steps or (5 if cuda else 1)
     args.runs = args.runs or (5 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    card = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if not cuda:
         print("no CUDA GPU: timing on the CPU" + (" (variants 1, 2 and the inline baseline)"
                                                   if args.variants == ["1", "2", "inline"] else ""))
-    peak, peak_dtype = measure_peak_flops(device)
-    print(f"training step on {card}; torch {torch.__version__}; MFU against the measured "
-          f"{peak_dtype} matmul peak of {peak / 1e12:.2f} TFLOP/s")
-    print(f"kernels here: {ops.fused_where_available()}")
+    peak = measure_peak_flops(device)
+    print(f"MFU against the measured {peak[1]} matmul peak of {peak[0] / 1e12:.2f} TFLOP/s; "
+          f"kernels here: {ops.fused_where_available()}")
     data = byte_tokens(args.corpus)
-
-    rows, failures = [], []
-    for config in args.configs:
-        sizes = CONFIGS[config]
-        torch.manual_seed(SEED)
-        probe = GPT(**model_sizes(sizes))
-        per_token = flops_per_token(probe, sizes)
-        untrained = val_loss(probe.state_dict(), sizes, device, data[1])
-        del probe
-        print(f"\n{config}: {sizes}; {per_token / 1e6:.1f} MFLOP/token; val loss untrained "
-              f"{untrained:.4f}")
-        print(f"{'variant':<8} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak GiB':>9} "
-              f"{'val loss':>9} {'vs 1':>7}  what")
-        reference_loss = None
-        for row in measure(args.variants, sizes, device, data, args, failures, config):
-            name = row["variant"]
-            row.update(config=config, card=card, mfu=per_token * row["tokens_per_s"] / peak,
-                       flops_per_token=per_token, peak_tflops=peak / 1e12,
-                       peak_dtype=peak_dtype, untrained_val_loss=untrained)
-            if name == "1":
-                reference_loss = row["val_loss"]
-            drift = (None if reference_loss is None
-                     else (row["val_loss"] - reference_loss) / reference_loss)
-            row["loss_drift_vs_1"] = drift
-            if drift is not None and name != "inline" and not abs(drift) <= LOSS_TOLERANCE:
-                failures.append(f"{config}/{name}: val loss {row['val_loss']:.4f} is "
-                                f"{drift:+.2%} from variant 1's {reference_loss:.4f} "
-                                f"(tolerance {LOSS_TOLERANCE:.0%})")
-            memory = "n/a" if row["peak_memory_bytes"] is None \
-                else f"{row['peak_memory_bytes'] / 2**30:.2f}"
-            print(f"{name:<8} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>11,.0f} "
-                  f"{row['mfu']:>6.1%} {memory:>9} {row['val_loss']:>9.4f} "
-                  f"{'' if drift is None else f'{drift:+.2%}':>7}  {row['what']} "
-                  f"[{row['backend']}]")
-            rows.append(row)
-        if reference_loss is None:
-            failures.append(f"{config}: variant 1 failed, so no loss could be checked")
-    write_result(args.out, "train", card, args.runs, rows)
-    if failures:
-        print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    card, failures = card_of(device), []
+    measure = functools.partial(measure_config, args.variants, device, data, args, peak, card,
+                                failures)
+    return run_benchmarks("train", "training step", card, args.runs,
+                          [{"config": config} for config in args.configs], measure, TABLE,
+                          args.out, failures)
 
 
 if __name__ == "__main__":

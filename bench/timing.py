@@ -1,6 +1,6 @@
-"""What every benchmark here shares: median timings after warm-up (CUDA events on a GPU,
-a wall clock on a CPU), the JSON result file, and the loss tolerance of the training
-benchmarks."""
+"""What every benchmark here measures with: median timings after warm-up (CUDA events on a
+GPU, a wall clock on a CPU), peak memory, and the loss tolerance of the training
+benchmarks. (The loop, the table and the result file: bench/harness.py.)"""
 
 from __future__ import annotations
 
@@ -73,14 +73,3 @@ def cpu_memory(step: Callable[[], object]) -> tuple[int, int]:
         now += change
         peak, largest = max(peak, now), max(largest, change)
     return peak, largest
-
-
-def write_result(path: str | None, benchmark: str, device: str, reps: int, rows: list) -> None:
-    """Write the rows with the card and versions to `path` (nothing if path is None)."""
-    if not path:
-        return
-    result = {"benchmark": benchmark, "device": device, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "reps": reps, "rows": rows}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")

@@ -217,7 +217,7 @@ def test_compile_benchmark_fails_when_the_compiled_step_computes_something_else(
     monkeypatch.setattr(sys, "argv", ["bench_compile.py", "--config", "tiny", "--device", "cpu"])
     default = ops.get_backend()
     assert bench_compile.main() == 1
-    assert "FAILED: the compiled step differs from the eager one" in capsys.readouterr().err
+    assert "FAILED:\n  the compiled step differs from the eager one" in capsys.readouterr().err
     assert ops.get_backend() == default  # the script's reference ops end with it
 
 
@@ -436,3 +436,51 @@ def test_attention_benchmark_fails_when_the_fused_kernel_cannot_run(monkeypatch,
     assert "the fused kernel cannot run: the extension failed to build" in err
     (row,) = json.loads(out.read_text())["rows"]  # the other providers were still timed
     assert row["correct"] is None and row["reference_fwd_bwd_ms"] > 0
+
+
+def test_harness_times_every_case_and_lists_the_failures_at_the_end(tmp_path, capsys):
+    harness = _import_bench("harness")
+    failures = []
+
+    def measure(case):
+        if case["V"] == 2:
+            raise ValueError("the kernel crashed")
+        if case["V"] == 3:
+            failures.append("V=3: slower than its target")
+        return {"V": case["V"], "fused_ms": 1.5 * case["V"], "peak_bytes": None}
+
+    table = harness.Table([harness.Column("V", "V", width=3, left=True),
+                           harness.Column("fused ms", "fused_ms", ".2f"),
+                           harness.Column("MiB", "peak_bytes", ".1f", width=5)])
+    out = tmp_path / "result.json"
+    status = harness.run_benchmarks("cross_entropy", "a stand-in", "CPU", 7,
+                                    [{"V": 1}, {"V": 2}, {"V": 3}], measure, table, str(out),
+                                    failures)
+    assert status == 1
+    shown = capsys.readouterr()
+    assert shown.out.splitlines()[:4] == [
+        f"a stand-in on CPU; torch {torch.__version__}",
+        "V       fused ms   MiB",
+        "1           1.50   n/a",
+        "3           4.50   n/a"]
+    assert "Traceback" in shown.err and "ValueError: the kernel crashed" in shown.err
+    assert shown.err.endswith("FAILED:\n  V=2: ValueError: the kernel crashed\n"
+                              "  V=3: slower than its target\n")
+    result = json.loads(out.read_text())  # the cases that ran, as report.py reads them
+    assert (result["benchmark"], result["device"], result["reps"]) == ("cross_entropy", "CPU", 7)
+    assert [r["V"] for r in result["rows"]] == [1, 3]
+
+
+def test_harness_markdown_table_and_a_clean_run(tmp_path, capsys):
+    harness = _import_bench("harness")
+    table = harness.Table([harness.Column("variant", "variant", left=True),
+                           harness.Column("vs 1", "drift", "+.1%", missing="")], markdown=True)
+    status = harness.run_benchmarks(
+        "train", "a stand-in", "CPU", 1, [{"config": "tiny"}],
+        lambda case: [{"variant": "1", "drift": None}, {"variant": "2", "drift": 0.004}],
+        table, None)
+    assert status == 0
+    shown = capsys.readouterr()
+    assert shown.out.splitlines()[1:] == ["| variant | vs 1 |", "|---|---:|", "| 1 |  |",
+                                          "| 2 | +0.4% |"]
+    assert shown.err == "" and not list(tmp_path.iterdir())  # no --out: no file
