@@ -28,7 +28,7 @@ import torch
 
 from fastgpt import FastGPTError, distributed
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
-from fastgpt.fileio import atomic_open
+from fastgpt.fileio import atomic_open, write_atomic
 from fastgpt.model import GPT
 from fastgpt.optim import param_groups
 from fastgpt.rundir import RunDir
@@ -141,6 +141,24 @@ def load_resumable(run: RunDir, log: Callable[[str], None] = _warn,
                 f"{run.last} was trained with {field}={checkpoint['config'][field]}; "
                 f"it cannot resume with {field}={getattr(config, field)}")
     return checkpoint
+
+
+def write_run_info(path: Path, config: TrainConfig, corpus, tokenizer: Tokenizer,
+                   **facts) -> None:
+    """config.json: what the run is (its config, corpus and tokenizer, which a checkpoint
+    must match to resume in its directory: see _check_belongs), and `facts` about it."""
+    info = {"config": config.to_dict(), "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+            "tokenizer_sha256": tokenizer.sha256, **facts, "torch": torch.__version__}
+    write_atomic(path, (json.dumps(info, indent=2) + "\n").encode())
+
+
+def check_corpus(checkpoint: dict, path: Path, corpus) -> None:
+    """Raise when `corpus` (a data.Corpus) is not the one the checkpoint at `path` was
+    trained on (its file changed since)."""
+    if corpus.sha256 != checkpoint["corpus"]["sha256"]:
+        raise FastGPTError(f"the corpus has changed since {path} was written "
+                           f"(sha256 {corpus.sha256[:12]}… now, "
+                           f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
 
 
 def _check_belongs(checkpoint: dict, path: Path, run_info_path: Path) -> None:

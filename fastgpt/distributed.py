@@ -18,6 +18,7 @@ not depend on the number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import importlib
@@ -138,16 +139,16 @@ def teardown(ctx: Context, device: torch.device, dropping: BaseException | None 
         dist.destroy_process_group()
 
 
-def collective_failure(ctx: Context, exc: RuntimeError) -> FastGPTError | None:
-    """The one-line error for `exc` when it is a failed collective (NCCL's DistBackendError,
-    gloo's plain RuntimeError) in a distributed run; else None."""
+def raise_collective_failure(ctx: Context, exc: RuntimeError) -> None:
+    """When `exc` is a failed collective (NCCL's DistBackendError, gloo's plain
+    RuntimeError) in a distributed run, raise it as a one-line FastGPTError; else return."""
     text = str(exc).strip()
     if not (ctx.enabled and (isinstance(exc, dist.DistError)
                              or "gloo" in text.lower() or "nccl" in text.lower())):
-        return None
+        return
     first = text.splitlines()[0][:300] if text else type(exc).__name__
-    return FastGPTError(f"rank {ctx.rank}: a collective with the other ranks failed "
-                        f"({first}); another rank has probably stopped: see its output")
+    raise FastGPTError(f"rank {ctx.rank}: a collective with the other ranks failed "
+                       f"({first}); another rank has probably stopped: see its output") from None
 
 
 def barrier(ctx: Context, device: torch.device) -> None:
@@ -169,6 +170,21 @@ def any_rank(ctx: Context, flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
     return bool(value.item())
+
+
+@contextlib.contextmanager
+def main_rank_first(ctx: Context, device: torch.device) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. fills a cache), the other ranks after it."""
+    if not ctx.is_main:
+        barrier(ctx, device)
+    yield
+    if ctx.is_main:
+        barrier(ctx, device)
+
+
+def same_on_every_rank(ctx: Context, value) -> bool:
+    """Whether every rank passed an equal `value` (a picklable tuple)."""
+    return all(tuple(theirs) == value for theirs in all_gather(ctx, value))
 
 
 def all_gather(ctx: Context, obj) -> list:

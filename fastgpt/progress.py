@@ -36,6 +36,14 @@ class Progress:
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def evaluated(self, val_loss: float) -> bool:
+        """Record the eval due at `step`; whether its val loss is the best so far."""
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.evals_since_best = 0 if improved else self.evals_since_best + 1
+        self.eval_pending = False
+        return improved
+
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "Progress":
         # eval_pending is absent from checkpoints of fastgpt before it could cut an eval short
@@ -153,9 +161,8 @@ HOURS_ON_A_CPU_S = 3600  # a CPU run longer than this is told of `--preset cpu`
 
 def hours_on_a_cpu(step: int, config: TrainConfig, step_s: float,
                    device: torch.device) -> str | None:
-    """Before the first eval on a CPU, from a step timed as one forward and backward: the
-    eta_line when the run would take hours (its eval a GPU-sized model's minutes), else
-    None."""
+    """Before the first eval on a CPU, with step_s timed from one forward and backward:
+    the eta_line when the run would take hours, else None."""
     if time_to_max_steps(step, config, step_s)[0] <= HOURS_ON_A_CPU_S:
         return None
     return ("timed by one forward and backward on this CPU: "
@@ -165,8 +172,8 @@ def hours_on_a_cpu(step: int, config: TrainConfig, step_s: float,
 def time_to_max_steps(step: int, config: TrainConfig, step_s: float,
                       eval_s: float | None = None) -> tuple[float, int, float]:
     """(seconds, evals, seconds per eval) until max_steps at step_s seconds per step, evals
-    included: eval_s measured, else estimated as a forward pass (a third of a step) per
-    eval batch."""
+    included (eval_s measured, else estimated as a forward pass, a third of a step, per
+    eval batch)."""
     evals = config.max_steps // config.eval_interval - step // config.eval_interval
     evals += 1 if config.max_steps % config.eval_interval else 0
     if eval_s is None:

@@ -2,16 +2,14 @@
 backpropagate, nudge with AdamW, repeat; judge progress on the held-out split with
 `estimate_loss` every eval_interval steps (and at step 0, before any update).
 
-Outputs in runs/NAME/: config.json, metrics.jsonl (one JSON record per line), loss.png,
+Outputs in runs/NAME/: config.json, metrics.jsonl and loss.png (fastgpt/metrics.py),
 last.pt (every eval, and on SIGINT/SIGTERM) and best.pt (lowest val loss so far).
-`resume=True` continues from last.pt and reproduces the uninterrupted run's losses: the
-checkpoint carries the model, optimizer, RNG states and the position in the data.
+`resume=True` continues from last.pt and reproduces the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shlex
 import time
@@ -21,12 +19,12 @@ from pathlib import Path
 import torch
 
 from fastgpt import FastGPTError, distributed, metrics, ops
-from fastgpt.checkpoint import (check_new_run, check_resumable, load_resumable, restore_rng,
-                                restore_training, rng_state, save_checkpoint)
+from fastgpt.checkpoint import (check_corpus, check_new_run, check_resumable, load_resumable,
+                                restore_rng, restore_training, rng_state, save_checkpoint,
+                                write_run_info)
 from fastgpt.config import TrainConfig
 from fastgpt.console import Console
 from fastgpt.data import BatchStream, NextTokenDataset, load_corpus, make_loader, prepare
-from fastgpt.fileio import write_atomic
 from fastgpt.model import GPT
 from fastgpt.optim import AdamW, param_groups
 from fastgpt.progress import Progress, ProgressReport, StopSignals, hours_on_a_cpu
@@ -165,10 +163,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     on a terminal (elsewhere a line per log_interval). SIGINT/SIGTERM are caught from the
     start and stop the run after the current step or eval batch, saving last.pt.
 
-    Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group,
-    trains its share of each batch with DistributedDataParallel, and leaves the group at
-    the end; only rank 0 prints and writes (see fastgpt/distributed.py), and holds the run
-    directory's lock.
+    Under torchrun every process calls this and trains its share of each batch with
+    DistributedDataParallel (see fastgpt/distributed.py); only rank 0 prints, writes and
+    holds the run directory's lock.
     """
     config.validate()
     previous_backend = ops.set_backend(config.backend or None)
@@ -194,10 +191,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             distributed.teardown(ctx, device, dropping=exc)
         raise
     except RuntimeError as exc:
-        failure = distributed.collective_failure(ctx, exc)
-        if failure is None:
-            raise
-        raise failure from None
+        distributed.raise_collective_failure(ctx, exc)  # as one line, if that is what it is
+        raise
     finally:
         run.unlock()
         ops.set_backend(previous_backend)
@@ -234,22 +229,18 @@ class _Training:
     def _load_data(self, checkpoint: dict | None) -> None:
         """The corpus, its tokens (prepared once: rank 0 first) and the two splits."""
         config, ctx, device = self.config, self.ctx, self.device
-        if not ctx.is_main:  # rank 0 downloads, tokenizes and caches first; the others read
-            distributed.barrier(ctx, device)
         corpus_spec = config.corpus
         if checkpoint and corpus_spec == "auto":
             corpus_spec = checkpoint["corpus"]["name"]  # what "auto" chose when the run began
-        corpus = load_corpus(corpus_spec, log=self.log)
-        tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
-        if checkpoint and corpus.sha256 != checkpoint["corpus"]["sha256"]:
-            raise FastGPTError(f"the corpus has changed since {self.run_dir.last} was written "
-                               f"(sha256 {corpus.sha256[:12]}… now, "
-                               f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
-        data = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer, log=self.log)
-        if ctx.is_main:
-            distributed.barrier(ctx, device)
-        mine = (corpus.sha256, data.tokenizer.sha256, len(data.train_ids))
-        if any(tuple(theirs) != mine for theirs in distributed.all_gather(ctx, mine)):
+        with distributed.main_rank_first(ctx, device):  # it downloads, tokenizes and caches
+            corpus = load_corpus(corpus_spec, log=self.log)
+            if checkpoint:
+                check_corpus(checkpoint, self.run_dir.last, corpus)
+            tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
+            data = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer,
+                           log=self.log)
+        if not distributed.same_on_every_rank(
+                ctx, (corpus.sha256, data.tokenizer.sha256, len(data.train_ids))):
             raise FastGPTError("the ranks do not see the same corpus and tokens: runs_dir and "
                                "the token cache (FASTGPT_CACHE or --data_dir) must be on a "
                                "filesystem that every machine shares")
@@ -294,12 +285,9 @@ class _Training:
         """config.json, and what is about to train on what."""
         config, ctx, corpus, device = self.config, self.ctx, self.corpus, self.device
         n_params = self.model.num_parameters()
-        run_info = {"config": config.to_dict(), "corpus": corpus.name,
-                    "corpus_sha256": corpus.sha256, "tokenizer_sha256": self.tokenizer.sha256,
-                    "parameters": n_params, "device": str(device),
-                    "world_size": ctx.world_size, "torch": torch.__version__}
         if ctx.is_main:
-            write_atomic(self.run_dir.config, (json.dumps(run_info, indent=2) + "\n").encode())
+            write_run_info(self.run_dir.config, config, corpus, self.tokenizer,
+                           parameters=n_params, device=str(device), world_size=ctx.world_size)
         if ctx.enabled:
             self.log(f"data parallel over {ctx.world_size} ranks "
                      f"({distributed.backend_for(device)}): each takes {self.shares.accum} "
@@ -348,10 +336,7 @@ class _Training:
         if not all(math.isfinite(v) for v in losses.values()):
             raise NonFiniteLoss(f"eval loss is not finite at step {progress.step} ({losses}); "
                                 f"stopped. " + _last_good(run.last))
-        improved = losses["val"] < progress.best_val_loss
-        progress.best_val_loss = min(progress.best_val_loss, losses["val"])
-        progress.evals_since_best = 0 if improved else progress.evals_since_best + 1
-        progress.eval_pending = False
+        improved = progress.evaluated(losses["val"])
         if self.ctx.is_main:
             metrics.append(run.metrics, {
                 "kind": "eval", "step": progress.step, "train_loss": losses["train"],
@@ -441,14 +426,13 @@ class _Training:
                      f"s; outputs in {self.run_dir.directory}/")
             runs_dir = ("" if config.runs_dir == TrainConfig.runs_dir
                         else f" --runs_dir {shlex.quote(config.runs_dir)}")
-            self.log(f"sample from it: fastgpt sample --run {shlex.quote(config.name)}{runs_dir}")
+            self.log(f"next: fastgpt sample --run {shlex.quote(config.name)}{runs_dir}")
         return summary
 
     def _say_if_hours_on_a_cpu(self) -> None:
-        """Before the first eval on a CPU (an eval of a GPU-sized model takes minutes there):
-        time one forward and backward of a micro-batch, and when that makes the run hours
-        long, say so with the hint to `--preset cpu`. In eval mode, with the RNG state put
-        back and the gradients dropped: the run goes on as if it had not been timed."""
+        """Before the first eval on a CPU (a GPU-sized model's takes minutes there), time one
+        forward and backward of a micro-batch; when the run would take hours, say so. In
+        eval mode, RNG state put back, gradients dropped: as if it had not been timed."""
         x = torch.zeros(self.shares.micro_batch, self.config.context_length, dtype=torch.long)
         self.model.eval()
         with torch.random.fork_rng(devices=[]):
@@ -467,10 +451,9 @@ class _Training:
         """Save last.pt for a stop request (an eval due now stays pending) and say so."""
         stopped = self.signals.received or "a signal to another rank"
         self.save()
-        config = self.config
         self.log(f"stopped by {stopped} at step {self.progress.step}; checkpoint saved to "
-                 f"{self.run_dir.last}. Resume with: fastgpt train --name {config.name} "
-                 f"--runs_dir {config.runs_dir} --resume")
+                 f"{self.run_dir.last}. Resume with: fastgpt train --name {self.config.name} "
+                 f"--runs_dir {self.config.runs_dir} --resume")
         return stopped
 
 
