@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
-from fastgpt import ops  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.optim import AdamW  # noqa: E402
 from harness import (  # noqa: E402  (bench/harness.py)
-    Column, Table, benchmark_parser, card_of, run_benchmarks)
+    Column, Table, benchmark_parser, card_of, device_for, run_benchmarks)
 from timing import median_ms  # noqa: E402  (bench/timing.py)
 
 SETS = {
@@ -67,13 +66,11 @@ def main() -> int:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = device_for("adamw")
+    if device is None:
+        return 1
+    cuda = device.type == "cuda"
     if cuda:
-        ok, why = ops.available()["adamw"]
-        if not ok:
-            print(f"the fused AdamW step cannot run: {why}", file=sys.stderr)
-            return 1
         reps = args.reps
         variants = {
             "fastgpt": (lambda clip: lambda ps: AdamW(ps, lr=1e-4, backend="fused",

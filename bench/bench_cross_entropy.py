@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from fastgpt import ops  # noqa: E402
 from fastgpt.ops import reference  # noqa: E402
 from harness import (  # noqa: E402  (bench/harness.py)
-    Column, Table, benchmark_parser, card_of, run_benchmarks)
+    Column, Table, benchmark_parser, card_of, device_for, run_benchmarks)
 from timing import cuda_median_ms_and_peak, median_ms  # noqa: E402  (bench/timing.py)
 
 N = 8192
@@ -49,13 +49,11 @@ def main() -> int:
                         help="V values (default: 512 32768 131072; on a CPU 512 32768)")
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = device_for("cross_entropy")
+    if device is None:
+        return 1
+    cuda = device.type == "cuda"
     if cuda:
-        ok, why = ops.available()["cross_entropy"]
-        if not ok:
-            print(f"the fused kernel cannot run: {why}", file=sys.stderr)
-            return 1
         vocabs, reps = args.vocabs or (512, 32768, 131072), args.reps
         variants = {
             "fused": lambda x, t: ops.cross_entropy(x, t, backend="fused"),

@@ -101,6 +101,21 @@ def write_result(path: str | None, benchmark: str, device: str, reps: int, rows:
     print(f"wrote {path}")
 
 
+def device_for(op: str) -> torch.device | None:
+    """Where a benchmark of `op` runs: the GPU if there is one, else the CPU (its
+    reference-only mode). None, with the reason on stderr, when there is a GPU but fastgpt's
+    fused `op` cannot run on it (the benchmark then exits 1)."""
+    from fastgpt import ops
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    ok, why = ops.available()[op]
+    if not ok:
+        print(f"the fused {op} cannot run here: {why}", file=sys.stderr)
+        return None
+    return torch.device("cuda")
+
+
 def report_failures(failures: list[str]) -> int:
     """List the failures on stderr; the exit status: 1 if there are any, else 0."""
     if not failures:

@@ -12,6 +12,13 @@ from fastgpt import ops
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run bench/<script> with `args` in a fresh Python, its output captured as text."""
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 # quality.py's fused run needs the cross-entropy kernel (on a CPU through the interpreter)
 @pytest.fixture
 def fused_cross_entropy():
@@ -28,9 +35,7 @@ needs_fused_cross_entropy = pytest.mark.usefixtures("fused_cross_entropy")
 @needs_fused_cross_entropy
 def test_linear_cross_entropy_benchmark_checks_the_memory_claim_on_a_cpu(tmp_path):
     out = tmp_path / "lce.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_linear_cross_entropy.py"),
-                             "--reps", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = run_bench("bench_linear_cross_entropy.py", "--reps", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no CUDA GPU: the memory claim on one small case" in result.stdout
     (row,) = json.loads(out.read_text())["rows"]
@@ -42,30 +47,22 @@ def test_linear_cross_entropy_benchmark_checks_the_memory_claim_on_a_cpu(tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
-def test_cross_entropy_benchmark_reference_mode(tmp_path):
-    out = tmp_path / "ce.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_cross_entropy.py"), "--vocabs",
-                             "512", "--reps", "1", "--warmup", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("script, args, says, keys, rows", [
+    ("bench_cross_entropy.py", ("--vocabs", "512"),
+     "no CUDA GPU: timing the reference and eager torch on the CPU only", ("dtype", "V", "N"),
+     [("float32", 512, 8192), ("bfloat16", 512, 8192)]),
+    ("bench_adamw.py", ("--sets", "seed (11.1M)"), "no CUDA GPU", ("set", "clip", "parameters"),
+     [("seed (11.1M)", False, 11_132_672), ("seed (11.1M)", True, 11_132_672)]),
+], ids=["cross_entropy", "adamw"])
+def test_reference_mode_writes_its_rows(tmp_path, script, args, says, keys, rows):
+    out = tmp_path / "result.json"
+    result = run_bench(script, *args, "--reps", "1", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "no CUDA GPU: timing the reference and eager torch on the CPU only" in result.stdout
+    assert says in result.stdout
     data = json.loads(out.read_text())
-    assert [(r["dtype"], r["V"], r["N"]) for r in data["rows"]] == [
-        ("float32", 512, 8192), ("bfloat16", 512, 8192)]
-    assert all(r["eager_ms"] > 0 and r["reference_ms"] > 0 for r in data["rows"])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
-def test_adamw_benchmark_reference_mode(tmp_path):
-    out = tmp_path / "adamw.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_adamw.py"), "--sets",
-                             "seed (11.1M)", "--reps", "1", "--warmup", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "no CUDA GPU" in result.stdout
-    data = json.loads(out.read_text())
-    assert [(r["set"], r["clip"], r["parameters"]) for r in data["rows"]] == [
-        ("seed (11.1M)", False, 11_132_672), ("seed (11.1M)", True, 11_132_672)]
+    assert [tuple(r[k] for k in keys) for r in data["rows"]] == rows
+    times = [v for r in data["rows"] for k, v in r.items() if k.endswith("_ms")]
+    assert times and all(t > 0 for t in times)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
@@ -93,9 +90,8 @@ def _import_bench(name):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
 def test_train_benchmark_cpu_mode(tmp_path):
     out = tmp_path / "train.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny",
-                             "--steps", "2", "--runs", "1", "--warmup", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = run_bench("bench_train.py", "--configs", "tiny", "--steps", "2", "--runs", "1",
+                       "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU: timing on the CPU (variants 1, 2 and the inline baseline)" in result.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -292,12 +288,10 @@ def test_report_renders_gpu_shaped_results(tmp_path):
 
 def test_report_renders_the_attention_benchmark(tmp_path):
     out = tmp_path / "attention.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--seqs", "16",
-                             "--tokens", "32", "--reps", "1", "--device", "cpu", "--out",
-                             str(out)], capture_output=True, text=True, timeout=300)
+    result = run_bench("bench_attention.py", "--seqs", "16", "--tokens", "32", "--reps", "1",
+                       "--device", "cpu", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    shown = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)],
-                           capture_output=True, text=True, timeout=60)
+    shown = run_bench("report.py", str(out), timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "| dtype | B x H x T x D | check | reference ms | sdpa-math ms |" in shown.stdout
     assert "| float32 | 2x6x16x64 | - | " in shown.stdout
@@ -305,13 +299,11 @@ def test_report_renders_the_attention_benchmark(tmp_path):
 
 def test_report_renders_the_cpu_train_benchmark(tmp_path):
     out = tmp_path / "train.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--configs", "tiny",
-                             "--variants", "1", "--steps", "1", "--runs", "1", "--warmup", "0",
-                             "--device", "cpu", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = run_bench("bench_train.py", "--configs", "tiny", "--variants", "1", "--steps",
+                       "1", "--runs", "1", "--warmup", "0", "--device", "cpu", "--out",
+                       str(out))
     assert result.returncode == 0, result.stderr
-    shown = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out)],
-                           capture_output=True, text=True, timeout=60)
+    shown = run_bench("report.py", str(out), timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "| tiny | 1 | chapter loop, fp32, reference ops | `reference` |" in shown.stdout
     assert "float32 matmul peak measured in the run" in shown.stdout
@@ -320,9 +312,8 @@ def test_report_renders_the_cpu_train_benchmark(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
 def test_attention_benchmark_cpu_mode(tmp_path):
     out = tmp_path / "attention.json"
-    result = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--seqs", "16",
-                             "64", "--tokens", "128", "--reps", "1", "--warmup", "1", "--out",
-                             str(out)], capture_output=True, text=True, timeout=300)
+    result = run_bench("bench_attention.py", "--seqs", "16", "64", "--tokens", "128", "--reps",
+                       "1", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU: timing the reference and SDPA's math backend on the CPU only" \
         in result.stdout
