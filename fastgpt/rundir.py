@@ -5,6 +5,8 @@ holds on it, and the temporary files a killed run leaves behind.
 - A training run (new or resumed) holds an exclusive lock on `.lock` for its lifetime
   (flock: the OS releases it when the process ends, however it ends); a second run on the
   same directory fails at once, naming the holder's PID. Reading (sample, info) needs none.
+  The CLI asks `check_not_in_use` first, before it imports torch (seconds), so that a second
+  run fails at once; the lock itself is taken later, by train.
 - Files are written through fileio.atomic_open, as `.NAME.XXXXXXXX.tmp` beside NAME; a
   kill -9 mid-write leaves that temporary behind. The next run that takes the lock
   removes those of this directory's own files (no live process can be writing them).
@@ -55,13 +57,34 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            error = self._in_use(fd)
             os.close(fd)
-            raise RunInUse(f"{self.directory} is in use by another fastgpt run (PID {holder}); "
-                           f"wait for it to end, or use another --name") from None
+            raise error from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    def check_not_in_use(self) -> None:
+        """Raise RunInUse if a live run holds the lock, as lock() would, creating nothing (no
+        directory, no .lock) and holding nothing: a quick check; lock() is what decides."""
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDONLY)
+        except OSError:  # no .lock, so no run holds it (or unreadable: lock() will say)
+            return
+        try:  # shared: checks never block each other, and an exclusive holder blocks all
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(fd) from None
+        finally:
+            os.close(fd)  # releases the shared lock at once
+
+    def _in_use(self, fd: int) -> RunInUse:
+        """The error naming the holder: the PID it wrote into the lock file `fd`."""
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        return RunInUse(f"{self.directory} is in use by another fastgpt run (PID {holder}); "
+                        f"wait for it to end, or use another --name")
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -3,6 +3,7 @@
 (removed by the next run that takes the lock, and only those)."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,26 @@ def test_the_lock_is_per_directory_and_released_when_a_run_ends(tmp_path, corpus
         train(resume_config(str(runs), "tiny", {"max_steps": 3}), resume=True)
     finally:
         other.unlock()
+
+
+def test_the_in_use_check_names_the_holder_and_creates_and_holds_nothing(tmp_path):
+    run = RunDir(tmp_path / "runs" / "tiny")
+    run.check_not_in_use()  # no directory: nothing to check, and nothing made
+    assert not (tmp_path / "runs").exists()
+    run.directory.mkdir(parents=True)
+    run.check_not_in_use()  # no .lock: no run has held it
+    assert list(run.directory.iterdir()) == []
+    with RunDir(run.directory):  # as a live run holds it
+        lock_file = (run.directory / ".lock").read_bytes()
+        for _ in range(2):
+            with pytest.raises(RunInUse, match=re.escape(
+                    f"{run.directory} is in use by another fastgpt run (PID {os.getpid()}); "
+                    f"wait for it")):
+                run.check_not_in_use()
+        assert (run.directory / ".lock").read_bytes() == lock_file
+    run.check_not_in_use()  # released by its holder
+    with run:  # the check released its own share at once
+        assert (run.directory / ".lock").read_bytes() == f"{os.getpid()}\n".encode()
 
 
 # the temporaries atomic_open makes for each file a run writes, as a kill -9 leaves them
