@@ -8,21 +8,64 @@ mistakes answer at once); each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import platform
 import sys
 from pathlib import Path
 
 from fastgpt import FastGPTError, __version__
-from fastgpt.config import (FIELD_HELP, PRESETS, TrainConfig, field_types, make_config,
-                            parse_value)
+from fastgpt.config import (FIELD_HELP, PRESETS, TrainConfig, check_seed, field_types,
+                            make_config, parse_value)
+from fastgpt.rundir import RunDir
 
 
 class _Parser(argparse.ArgumentParser):
-    """One-line errors; value_options: the options that take a value (add_argument's)."""
+    """One-line errors that guess what a mistyped name meant and point at the command's
+    --help; no option is taken for a prefix of another (--max_step is not --max_steps).
+    value_options: the options that take a value (add_argument's)."""
 
     def __init__(self, *args, **kwargs):
         self.value_options: set[str] = set()  # before argparse adds --help
-        super().__init__(*args, **kwargs)
+        self.commands = None  # add_subparsers' action, if any
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        # argparse has the top parser report a command's unknown options; the command does here
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(namespace, self.commands.dest) if self.commands else None
+            parser = self.commands.choices[command] if command else self
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                         f"{parser._guess_options(unknown)}")
+        return namespace
+
+    def _guess_options(self, unknown: list[str]) -> str:
+        """'; did you mean --max_steps?' for the options among `unknown` close to known ones."""
+        guesses = {}  # mistyped option -> the closest known one
+        for option in (arg.split("=")[0] for arg in unknown if arg.startswith("--")):
+            close = difflib.get_close_matches(option, list(self._option_string_actions), n=1)
+            if close:
+                guesses[option] = close[0]
+        if len(guesses) == 1:
+            return f"; did you mean {next(iter(guesses.values()))}?"
+        if guesses:
+            return f"; did you mean {', '.join(f'{g} (for {o})' for o, g in guesses.items())}?"
+        return ""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        """argparse's (private) check of a value against the choices (--preset, the
+        command's name), with a guess at a mistyped one."""
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(str(value), list(action.choices), n=1)
+            guess = f"; did you mean {close[0]!r}?" if close else ""
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{guess} (choose from {choices})")
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
         action = super().add_argument(*args, **kwargs)
@@ -100,23 +143,37 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume:
-        from fastgpt.train import resume_config
-
-        overrides = _overrides(args)
-        config = resume_config(overrides.pop("runs_dir", TrainConfig.runs_dir),
-                               overrides.pop("name", args.preset), overrides)
+    overrides = _overrides(args)
+    if args.resume:  # the config comes from the checkpoint, read below
+        runs_dir = overrides.pop("runs_dir", TrainConfig.runs_dir)
+        name = overrides.pop("name", args.preset)
     else:
-        config = _config(args)
-    from fastgpt.train import train
+        config = make_config(args.preset, overrides)
+        runs_dir, name = config.runs_dir, config.name
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone takes the lock
+        RunDir(Path(runs_dir) / name).check_not_in_use()  # before torch's seconds of import
+    from fastgpt.train import resume_config, train
 
+    if args.resume:
+        config = resume_config(runs_dir, name, overrides)
     train(config, resume=args.resume)
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from fastgpt.sample import sample_from_checkpoint
+def _check_utf8(text: str, flag: str) -> None:
+    """Refuse an argument that was not UTF-8: argv's bytes that are not reach Python as
+    surrogate escapes (byte b as U+DC00 + b), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        offset = len(text[:exc.start].encode("utf-8"))
+        raise FastGPTError(f"{flag} is not UTF-8 text (byte 0x{ord(text[exc.start]) & 0xFF:02x} "
+                           f"at offset {offset}); pass it in UTF-8") from None
 
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    check_seed(args.seed)
+    _check_utf8(args.prompt, "--prompt")
     if args.checkpoint:
         path = Path(args.checkpoint)
     elif args.run:
@@ -125,6 +182,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         raise FastGPTError("say what to sample from: --run NAME (runs/NAME/best.pt) "
                            "or --checkpoint PATH")
+    from fastgpt.sample import sample_from_checkpoint
+
     texts = sample_from_checkpoint(
         str(path), prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,17 @@ from fastgpt.tokenizer import BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE
 
 # The fields that fix the shapes of the model's parameters.
 ARCHITECTURE_FIELDS = ("vocab_size", "context_length", "d_model", "num_heads", "num_layers")
+
+# torch's generators take seeds in [-2**63, 2**64 - 1]; training also seeds some with the seed
+# plus small offsets (train.py), which a signed 64-bit seed leaves room for.
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Raise FastGPTError for a seed (training's or sampling's) out of SEED_MIN..SEED_MAX."""
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise FastGPTError(f"seed must be an integer from -2**63 to 2**63-1 (64 bits), "
+                           f"got {seed}")
 
 
 @dataclass
@@ -60,6 +72,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise FastGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_seed(self.seed)
         if self.d_model % self.num_heads:
             raise FastGPTError(
                 f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
@@ -188,8 +201,10 @@ def make_config(preset: str = "seed", overrides: dict | None = None) -> TrainCon
     The run name defaults to the preset's name.
     """
     if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
         raise FastGPTError(
-            f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            f"unknown preset {preset!r}; {guess}choose one of: {', '.join(PRESETS)}")
     values = {"name": preset, **PRESETS[preset], **(overrides or {})}
     config = TrainConfig.from_dict(values)
     config.validate()

@@ -10,8 +10,9 @@ import torch
 
 from fastgpt import FastGPTError
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.model import GPT
+from fastgpt.config import check_seed
 from fastgpt.distributed import pick_device
+from fastgpt.model import GPT
 
 
 def _check_sampling(temperature: float, top_k: int | None) -> None:
@@ -78,6 +79,7 @@ def sample_from_checkpoint(path: str, prompt: str = "\n", max_new_tokens: int = 
     if num_samples < 1:
         raise FastGPTError(f"num_samples must be at least 1, got {num_samples}")
     _check_sampling(temperature, top_k)  # before the checkpoint loads
+    check_seed(seed)
     model, _, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
     target = pick_device(device)
     model.to(target)

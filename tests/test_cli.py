@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from fastgpt import __version__, cli
 from fastgpt.checkpoint import save_checkpoint
 from fastgpt.cli import main
+from fastgpt.rundir import RunDir
 from fastgpt.train import train
 from helpers import tiny_cli_args, tiny_config
 
@@ -185,6 +187,10 @@ def test_option_values_reach_the_config(capsys, monkeypatch):
 
 
 HEAVY = ("torch", "triton", "numpy", "tokenizers")
+# `python -c WITHOUT_HEAVY ARGS...` runs `fastgpt ARGS...` where `import torch` (and the other
+# heavy packages) raises ImportError: None in sys.modules makes an import fail
+WITHOUT_HEAVY = (f"import sys; sys.modules.update(dict.fromkeys({HEAVY!r}))\n"
+                 "from fastgpt.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def test_parsing_and_validating_a_config_import_nothing_heavy():
@@ -208,17 +214,105 @@ def test_parsing_and_validating_a_config_import_nothing_heavy():
 @pytest.mark.parametrize("argv, expected, returncode", [
     (["--version"], f"fastgpt {__version__}", 0), (["--help"], "train", 0),
     (["train", "--help"], "--lr", 0), (["train", "--lr", "-1e-3"], "lr must be a positive", 1),
+    (["train", "--seed", str(2**64)], "seed must be an integer from -2**63 to 2**63-1", 1),
+    (["sample", "--run", "x", "--seed", str(2**64)], "seed must be an integer from -2**63", 1),
+    (["sample", "--run", "x", "--seed", str(-2**63 - 1)], "got -9223372036854775809", 1),
+    # argv bytes that are not UTF-8 reach sys.argv as surrogate escapes
+    (["sample", "--run", "x", "--prompt", b"ab\xff"],
+     "fastgpt: error: --prompt is not UTF-8 text (byte 0xff at offset 2)", 1),
 ])
 def test_help_version_and_mistakes_run_where_torch_cannot_be_imported(argv, expected,
                                                                       returncode):
-    # None in sys.modules makes `import torch` raise ImportError
-    code = (f"import sys; sys.modules.update(dict.fromkeys({HEAVY!r}))\n"
-            "from fastgpt.cli import main; sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HEAVY, *argv], capture_output=True,
                             text=True, timeout=120)
     assert "Traceback" not in result.stderr, result.stderr
     assert expected in result.stdout + result.stderr
     assert result.returncode == returncode
+    if returncode:
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture
+def commands_run_nothing(monkeypatch):
+    """Each command returns 0 at once: parsing is under test (train --max_step 100 as
+    --max_steps would train)."""
+    for command in ("prepare", "train", "sample", "verify", "info"):
+        monkeypatch.setattr(cli, f"cmd_{command}", lambda args: 0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--vers"], ["prepare", "--max_step", "1"], ["train", "--max_step", "100"],
+    ["train", "--resum"], ["sample", "--max_new", "5"], ["verify", "--hel"], ["info", "--hel"],
+])
+def test_no_option_is_taken_for_a_prefix_of_another(capsys, commands_run_nothing, argv):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and out == ""  # no version, no help printed, nothing run
+    assert_one_line_error(code, err)
+    if len(argv) > 1:
+        assert f"unrecognized arguments: {' '.join(argv[1:])}" in err
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--max_step", "100"], ["fastgpt train: error: unrecognized arguments: "
+                                      "--max_step 100; did you mean --max_steps? "
+                                      "(see fastgpt train --help)"]),
+    (["train", "--max_stpes", "100"], ["did you mean --max_steps?", "fastgpt train --help"]),
+    (["train", "--max-stpes=100"], ["arguments: --max-stpes=100; did you mean --max-steps?"]),
+    (["train", "--lrr", "1", "--max_stpes", "3"],
+     ["did you mean --lr (for --lrr), --max_steps (for --max_stpes)?"]),
+    (["prepare", "--vocab", "300"], ["did you mean --vocab_size?", "fastgpt prepare --help"]),
+    (["sample", "--max_new", "5"], ["did you mean --max_new_tokens?",
+                                    "(see fastgpt sample --help)"]),
+    (["train", "--preset", "cpuu"], ["fastgpt train: error: argument --preset: invalid "
+                                     "choice: 'cpuu'; did you mean 'cpu'? (choose from "
+                                     "'seed', 'cpu') (see fastgpt train --help)"]),
+    (["trian", "--lr", "1"], ["fastgpt: error: argument command: invalid choice: 'trian'; "
+                              "did you mean 'train'?", "(see fastgpt --help)"]),
+    (["train", "--preset", "nope"], ["invalid choice: 'nope' (choose from"]),  # nothing close
+    (["train", "--zzz"], ["unrecognized arguments: --zzz (see fastgpt train --help)"]),
+])
+def test_a_mistyped_name_gets_a_guess_and_the_commands_help(capsys, commands_run_nothing,
+                                                             argv, fragments):
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_a_second_train_on_a_locked_run_fails_before_importing_torch(tmp_path, corpus_file):
+    runs = tmp_path / "runs"
+    with RunDir(runs / "tiny"):  # as a live run holds it
+        before = sorted(p.name for p in runs.rglob("*"))
+        for resume in ([], ["--resume"]):
+            result = subprocess.run(
+                [sys.executable, "-c", WITHOUT_HEAVY, "train",
+                 *tiny_cli_args(runs, corpus_file), *resume],
+                capture_output=True, text=True, timeout=120)
+            assert result.returncode == 1
+            assert result.stderr == (f"fastgpt: error: {runs / 'tiny'} is in use by another "
+                                     f"fastgpt run (PID {os.getpid()}); wait for it to end, "
+                                     f"or use another --name\n")
+        assert sorted(p.name for p in runs.rglob("*")) == before == [".lock", "tiny"]
+
+
+def test_under_torchrun_only_rank_0_checks_the_lock(capsys, tmp_path, monkeypatch):
+    # rank 0 takes the lock (train.py): a slower rank must not take it for another run's
+    trained = []
+    monkeypatch.setitem(sys.modules, "fastgpt.train", types.SimpleNamespace(
+        train=lambda config, resume: trained.append(config.name), resume_config=None))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", "--runs_dir", str(tmp_path / "runs"), "--name", "tiny"]
+    with RunDir(tmp_path / "runs" / "tiny"):
+        monkeypatch.setenv("RANK", "1")
+        assert run_main(capsys, *argv)[0] == 0 and trained == ["tiny"]
+        monkeypatch.setenv("RANK", "0")
+        assert_one_line_error(*run_main(capsys, *argv)[::2], "is in use by another fastgpt run")
+    assert trained == ["tiny"]
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_the_checkpoint_loads(capsys):
+    code, _, err = run_main(capsys, "sample", "--checkpoint", "/nonexistent/last.pt",
+                            "--prompt", "caf\udce9")  # b"caf\xe9" (latin-1) as argv gives it
+    assert_one_line_error(code, err, "--prompt is not UTF-8 text (byte 0xe9 at offset 3)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what info says on a CPU")

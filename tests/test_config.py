@@ -65,6 +65,9 @@ def test_parse_value_errors(field, text, message):
     ({"backend": "attention=fused"}, "unknown op .attention."),
     ({"backend": "adamw=fast"}, "backend for adamw must be one of"),
     ({"name": "a/b"}, "plain directory name"),
+    ({"seed": 2**63}, r"seed must be an integer from -2\*\*63 to 2\*\*63-1 \(64 bits\), "
+                      r"got 9223372036854775808"),
+    ({"seed": -2**63 - 1}, r"seed must be an integer from -2\*\*63 to 2\*\*63-1"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(FastGPTError, match=message):
@@ -74,8 +77,19 @@ def test_invalid_configs_name_the_field(overrides, message):
 def test_unknown_preset_and_field():
     with pytest.raises(FastGPTError, match="unknown preset 'big'.*seed, cpu"):
         make_config("big")
+    with pytest.raises(FastGPTError, match="unknown preset 'cpuu'; did you mean 'cpu'"):
+        make_config("cpuu")
     with pytest.raises(FastGPTError, match="unknown config field"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_the_seeds_a_config_allows_are_those_torch_takes_with_trainings_offsets():
+    import torch
+    for seed in (-2**63, -1, 0, 2**63 - 1):
+        assert make_config("seed", {"seed": seed}).seed == seed
+        # train.py seeds generators with seed + 1 (evals) and seed + rank + 1_000_003 * step
+        for offset in (0, 1, 7 + 1_000_003 * 10**9):
+            torch.Generator().manual_seed(seed + offset)
 
 
 def test_backend_names_live_without_torch_and_fastgpt_ops_re_exports_them():
