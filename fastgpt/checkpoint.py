@@ -152,15 +152,6 @@ def write_run_info(path: Path, config: TrainConfig, corpus, tokenizer: Tokenizer
     write_atomic(path, (json.dumps(info, indent=2) + "\n").encode())
 
 
-def check_corpus(checkpoint: dict, path: Path, corpus) -> None:
-    """Raise when `corpus` (a data.Corpus) is not the one the checkpoint at `path` was
-    trained on (its file changed since)."""
-    if corpus.sha256 != checkpoint["corpus"]["sha256"]:
-        raise FastGPTError(f"the corpus has changed since {path} was written "
-                           f"(sha256 {corpus.sha256[:12]}… now, "
-                           f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
-
-
 def _check_belongs(checkpoint: dict, path: Path, run_info_path: Path) -> None:
     """Raise when the checkpoint at `path` was not written by the run whose config.json is
     at `run_info_path` (a last.pt copied from another run): its model shape, corpus or

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastgpt import FastGPTError
+from fastgpt import FastGPTError, distributed
 from fastgpt.fileio import atomic_open, write_atomic
 from fastgpt.tokenizer import Tokenizer
 
@@ -298,6 +298,52 @@ def _prepared(tokenizer: Tokenizer, directory: Path, meta: dict) -> PreparedData
            else np.zeros(0, dtype=np.uint16))  # numpy cannot memmap an empty file
     n_train = meta["n_train"]
     return PreparedData(tokenizer, ids[:n_train], ids[n_train:], meta, directory)
+
+
+def check_corpus(checkpoint: dict, path: Path, corpus: Corpus) -> None:
+    """Raise when `corpus` is not the one the checkpoint at `path` was trained on (its file
+    changed since)."""
+    if corpus.sha256 != checkpoint["corpus"]["sha256"]:
+        raise FastGPTError(f"the corpus has changed since {path} was written "
+                           f"(sha256 {corpus.sha256[:12]}… now, "
+                           f"{checkpoint['corpus']['sha256'][:12]}… then); cannot resume")
+
+
+@dataclass
+class RunData:
+    """What a training run reads: its corpus, the prepared tokens and the two splits."""
+    corpus: Corpus
+    prepared: PreparedData
+    datasets: dict[str, "NextTokenDataset"]
+
+
+def load_run_data(config, ctx: distributed.Context, device: torch.device,
+                  checkpoint: dict | None, checkpoint_path: Path, log: Log = print) -> RunData:
+    """The corpus of `config` (a TrainConfig; on resume, what "auto" chose when the run
+    began, checked against the checkpoint at `checkpoint_path`), its tokens (prepared once,
+    rank 0 first; a resumed run keeps its tokenizer) and the train/val splits. Every rank
+    must see the same corpus and tokens."""
+    corpus_spec = config.corpus
+    if checkpoint and corpus_spec == "auto":
+        corpus_spec = checkpoint["corpus"]["name"]
+    with distributed.main_rank_first(ctx, device):  # it downloads, tokenizes and caches
+        corpus = load_corpus(corpus_spec, log=log)
+        if checkpoint:
+            check_corpus(checkpoint, checkpoint_path, corpus)
+        tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
+        prepared = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer, log=log)
+    if not distributed.same_on_every_rank(
+            ctx, (corpus.sha256, prepared.tokenizer.sha256, len(prepared.train_ids))):
+        raise FastGPTError("the ranks do not see the same corpus and tokens: runs_dir and "
+                           "the token cache (FASTGPT_CACHE or --data_dir) must be on a "
+                           "filesystem that every machine shares")
+    datasets = {split: NextTokenDataset(ids, config.context_length, split)
+                for split, ids in (("train", prepared.train_ids), ("val", prepared.val_ids))}
+    if len(datasets["train"]) < config.batch_size:
+        raise FastGPTError(f"the train split has {len(datasets['train'])} windows, fewer than "
+                           f"batch_size={config.batch_size}: use a larger corpus or a smaller "
+                           f"batch")
+    return RunData(corpus, prepared, datasets)
 
 
 class NextTokenDataset(Dataset):

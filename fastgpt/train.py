@@ -19,17 +19,16 @@ from pathlib import Path
 import torch
 
 from fastgpt import FastGPTError, distributed, metrics, ops
-from fastgpt.checkpoint import (check_corpus, check_new_run, check_resumable, load_resumable,
+from fastgpt.checkpoint import (check_new_run, check_resumable, load_resumable,
                                 restore_rng, restore_training, rng_state, save_checkpoint,
                                 write_run_info)
 from fastgpt.config import TrainConfig
 from fastgpt.console import Console
-from fastgpt.data import BatchStream, NextTokenDataset, load_corpus, make_loader, prepare
+from fastgpt.data import BatchStream, NextTokenDataset, load_run_data, make_loader
 from fastgpt.model import GPT
 from fastgpt.optim import AdamW, param_groups
 from fastgpt.progress import Progress, ProgressReport, StopSignals, hours_on_a_cpu
 from fastgpt.rundir import RunDir
-from fastgpt.tokenizer import Tokenizer
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -215,7 +214,10 @@ class _Training:
                          f"interrupted run left in {run.directory}")
         torch.manual_seed(config.seed)
         self.device = device
-        self._load_data(checkpoint)
+        self.run_data = load_run_data(self.config, self.ctx, self.device, checkpoint,
+                                      self.run_dir.last, self.log)
+        self.corpus, self.data = self.run_data.corpus, self.run_data.prepared
+        self.tokenizer, self.datasets = self.data.tokenizer, self.run_data.datasets
         self._build()
         self.progress = Progress()
         if checkpoint:
@@ -225,33 +227,6 @@ class _Training:
         self._describe()
 
     # --- setup -----------------------------------------------------------------------
-
-    def _load_data(self, checkpoint: dict | None) -> None:
-        """The corpus, its tokens (prepared once: rank 0 first) and the two splits."""
-        config, ctx, device = self.config, self.ctx, self.device
-        corpus_spec = config.corpus
-        if checkpoint and corpus_spec == "auto":
-            corpus_spec = checkpoint["corpus"]["name"]  # what "auto" chose when the run began
-        with distributed.main_rank_first(ctx, device):  # it downloads, tokenizes and caches
-            corpus = load_corpus(corpus_spec, log=self.log)
-            if checkpoint:
-                check_corpus(checkpoint, self.run_dir.last, corpus)
-            tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
-            data = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer,
-                           log=self.log)
-        if not distributed.same_on_every_rank(
-                ctx, (corpus.sha256, data.tokenizer.sha256, len(data.train_ids))):
-            raise FastGPTError("the ranks do not see the same corpus and tokens: runs_dir and "
-                               "the token cache (FASTGPT_CACHE or --data_dir) must be on a "
-                               "filesystem that every machine shares")
-        self.corpus, self.data, self.tokenizer = corpus, data, data.tokenizer
-        self.datasets = {
-            "train": NextTokenDataset(data.train_ids, config.context_length, "train"),
-            "val": NextTokenDataset(data.val_ids, config.context_length, "val")}
-        if len(self.datasets["train"]) < config.batch_size:
-            raise FastGPTError(f"the train split has {len(self.datasets['train'])} windows, "
-                               f"fewer than batch_size={config.batch_size}: use a larger "
-                               f"corpus or a smaller batch")
 
     def _build(self) -> None:
         """The model (and DDP around it), AdamW, and the stream of training batches."""
