@@ -1,7 +1,8 @@
-// The fused AdamW step on the GPU: input checks, the launcher (the current stream, each
-// launch checked) and the op's CUDA registration. The kernel: adamw.cuh.
+// The fused AdamW step on the GPU: the launcher (the current stream, each launch checked)
+// and the op's CUDA registration. The kernel: adamw.cuh.
 #include "adamw.h"
 #include "adamw.cuh"
+#include "launch_record.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,21 +26,25 @@ struct AdamWCudaLaunch {
 
 }  // namespace
 
-void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
-                     double eps, double weight_decay, int64_t step,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& lr_tensor,
-                     const std::optional<at::Tensor>& step_tensor) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, grad_scale, lr_tensor, step_tensor,
-                     c10::DeviceType::CUDA);
-  if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  adamw_step_launches(AdamWCudaLaunch{c10::cuda::getCurrentCUDAStream()}, params, grads,
-                      exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
-                      grad_scale, lr_tensor, step_tensor);
+void adamw_step_cuda(const AdamWStep& s) {
+  if (s.params.empty()) return;
+  const c10::cuda::CUDAGuard guard(s.params[0].device());
+  adamw_step_launches(AdamWCudaLaunch{c10::cuda::getCurrentCUDAStream()}, s);
+}
+
+void record_adamw_launches(std::vector<LaunchRecord>& records) {
+  std::vector<at::Tensor> params;
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    params.push_back(at::zeros({1}, at::TensorOptions().dtype(dtype)));
+  }
+  const std::vector<at::Tensor> moments(params.size(), at::zeros({1}));
+  adamw_step_launches(RecordLaunch{&records}, {params, params, moments, moments, 1e-3, 0.9,
+                                               0.999, 1e-8, 0.0, 1, {}, {}, {}});
 }
 
 }  // namespace fastgpt
 
-TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) { m.impl("adamw_step", &fastgpt::adamw_step_cuda); }
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
+  m.impl("adamw_step",
+         &fastgpt::adamw_step_op<fastgpt::adamw_step_cuda, c10::DeviceType::CUDA>);
+}

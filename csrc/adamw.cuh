@@ -7,10 +7,10 @@
 // clipping scale is read on the device, so the step needs no host sync.
 #pragma once
 
+#include "adamw.h"
 #include "adamw_math.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <cstdint>
 #include <optional>
@@ -115,19 +115,18 @@ __global__ void __launch_bounds__(kThreads)
 // Fills launches tensor by tensor, chunk by chunk, and launches whenever the blocks or the
 // tensor slots run out; a tensor cut between two launches continues in slot 0 of the next.
 template <typename T, typename Launch>
-int launch_all(const Launch& launch, const std::vector<int64_t>& indices, at::TensorList params,
-               at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+int launch_all(const Launch& launch, const std::vector<int64_t>& indices, const AdamWStep& s,
                const StepConstants& scalars, const float* grad_scale) {
   int launches = 0;
   AdamWLaunch<T> args;
   int slot = 0, blocks = 0;
   for (const int64_t t : indices) {
-    const int64_t n = params[t].numel();
+    const int64_t n = s.params[t].numel();
     if (n == 0) continue;
-    args.params[slot] = params[t].data_ptr<T>();
-    args.grads[slot] = grads[t].data_ptr<T>();
-    args.exp_avgs[slot] = exp_avgs[t].data_ptr<float>();
-    args.exp_avg_sqs[slot] = exp_avg_sqs[t].data_ptr<float>();
+    args.params[slot] = s.params[t].data_ptr<T>();
+    args.grads[slot] = s.grads[t].data_ptr<T>();
+    args.exp_avgs[slot] = s.exp_avgs[t].data_ptr<float>();
+    args.exp_avg_sqs[slot] = s.exp_avg_sqs[t].data_ptr<float>();
     args.sizes[slot] = n;
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -166,40 +165,37 @@ static_assert(sizeof(AdamWLaunch<float>) + sizeof(StepConstants) + sizeof(void*)
 }  // namespace
 
 // The step's launches: the per-step constants, then one group of launches per parameter
-// dtype, each kernel run as launch(kernel, grid, threads, shared_bytes, args...) (the GPU's
-// CudaLaunch in adamw.cu, the CPU emulator's in tests/cuda_on_cpu/). Inputs are checked by
-// the caller. Returns the number of kernel launches.
+// dtype (fp32, bf16, fp16), each kernel run as launch(kernel, grid, threads, shared_bytes,
+// args...) (the GPU's AdamWCudaLaunch in adamw.cu, the CPU emulator's in
+// tests/cuda_on_cpu/). Inputs are checked by the caller. Returns the number of kernel
+// launches.
 template <typename Launch>
-int adamw_step_launches(const Launch& launch, at::TensorList params, at::TensorList grads,
-                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double lr,
-                        double beta1, double beta2, double eps, double weight_decay,
-                        int64_t step, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& step_tensor) {
+int adamw_step_launches(const Launch& launch, const AdamWStep& s) {
   StepConstants scalars;
-  scalars.host = adamw_scalars<double>(lr, beta1, beta2, eps, weight_decay,
-                                       static_cast<double>(step));
-  scalars.lr = lr_tensor.has_value() ? lr_tensor->data_ptr<float>() : nullptr;
-  scalars.step = step_tensor.has_value() ? step_tensor->data_ptr<float>() : nullptr;
-  scalars.lr_value = lr;
-  scalars.beta1 = beta1;
-  scalars.beta2 = beta2;
-  scalars.eps = eps;
-  scalars.weight_decay = weight_decay;
-  scalars.step_value = static_cast<double>(step);
-  const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  scalars.host = adamw_scalars<double>(s.lr, s.beta1, s.beta2, s.eps, s.weight_decay,
+                                       static_cast<double>(s.step));
+  scalars.lr = s.lr_tensor.has_value() ? s.lr_tensor->data_ptr<float>() : nullptr;
+  scalars.step = s.step_tensor.has_value() ? s.step_tensor->data_ptr<float>() : nullptr;
+  scalars.lr_value = s.lr;
+  scalars.beta1 = s.beta1;
+  scalars.beta2 = s.beta2;
+  scalars.eps = s.eps;
+  scalars.weight_decay = s.weight_decay;
+  scalars.step_value = static_cast<double>(s.step);
+  const float* scale = s.grad_scale.has_value() ? s.grad_scale->data_ptr<float>() : nullptr;
   int launches = 0;
-  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+  const auto launch_dtype = [&](auto element, at::ScalarType dtype) {
     std::vector<int64_t> indices;
-    for (size_t t = 0; t < params.size(); ++t) {
-      if (params[t].scalar_type() == dtype) indices.push_back(static_cast<int64_t>(t));
+    for (size_t t = 0; t < s.params.size(); ++t) {
+      if (s.params[t].scalar_type() == dtype) indices.push_back(static_cast<int64_t>(t));
     }
-    if (indices.empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adamw_step_launches", [&] {
-      launches += launch_all<scalar_t>(launch, indices, params, grads, exp_avgs, exp_avg_sqs,
-                                       scalars, scale);
-    });
-  }
+    if (!indices.empty()) {
+      launches += launch_all<decltype(element)>(launch, indices, s, scalars, scale);
+    }
+  };
+  launch_dtype(float{}, at::kFloat);
+  launch_dtype(at::BFloat16{}, at::kBFloat16);
+  launch_dtype(at::Half{}, at::kHalf);
   return launches;
 }
 

@@ -1,13 +1,15 @@
 // Causal attention on the GPU, the entry points: input checks, then attention.cuh's kernels
 // launched on the current CUDA stream; registered as fastgpt::attention_forward (q, k, v ->
 // out, lse) and fastgpt::attention_backward (-> dq, dk, dv), which
-// fastgpt/ops/cuda_attention.py wraps. The kernels themselves are compiled in
+// fastgpt/ops/cuda_attention.py wraps; and fastgpt::kernel_launches, the sizes of every launch
+// of the extension (bench/kernel_report.py). The kernels themselves are compiled in
 // attention_d32.cu, attention_d64.cu and attention_d128.cu.
 #include "attention_launch.cuh"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -15,6 +17,7 @@
 #include <mutex>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace fastgpt {
 
@@ -106,7 +109,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                                      scale, dropout_p, seed, offset, deterministic);
 }
 
+// (kernels, threads, shared_bytes) of every launch the launch code makes: adamw_step over
+// fp32, bf16 and fp16 params, and attention's forward and both backwards for each dtype and
+// head dim, run with RecordLaunch on tiny CPU tensors (nothing is launched: no GPU needed).
+// A kernel is given as its host stub's offset in this library, which the library's symbol
+// table names (bench/kernel_report.py reads it with nm).
+std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>> kernel_launches() {
+  std::vector<LaunchRecord> records;
+  record_adamw_launches(records);
+  const RecordLaunch record{&records};
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t D : {32, 64, 128}) {
+      const at::Tensor x = at::zeros({1, 1, 1, D}, at::TensorOptions().dtype(dtype));
+      const at::Tensor lse = at::zeros({1, 1, 1});
+      attention_forward_launches(record, x, x, x, 1.0, 0.0, 0, 0);
+      for (const bool deterministic : {false, true}) {
+        attention_backward_launches(record, x, x, x, x, lse, x, 1.0, 0.0, 0, 0, deterministic);
+      }
+    }
+  }
+  std::vector<int64_t> kernels, threads, shared_bytes;
+  for (const LaunchRecord& r : records) {
+    Dl_info info;
+    TORCH_CHECK(dladdr(r.kernel, &info) != 0, "kernel_launches: dladdr found no library");
+    kernels.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(r.kernel) -
+                                           reinterpret_cast<uintptr_t>(info.dli_fbase)));
+    threads.push_back(r.threads);
+    shared_bytes.push_back(r.shared_bytes);
+  }
+  return {kernels, threads, shared_bytes};
+}
+
 }  // namespace fastgpt
+
+TORCH_LIBRARY_FRAGMENT(fastgpt, m) {
+  m.def("kernel_launches() -> (int[] kernels, int[] threads, int[] shared_bytes)",
+        &fastgpt::kernel_launches);
+}
 
 TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
   m.impl("attention_forward", &fastgpt::attention_forward_cuda);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "attention.cuh"
+#include "launch_record.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -33,11 +34,13 @@ struct CudaLaunch {
 };
 
 // FASTGPT_ATTENTION_HEAD_DIM(template, 32) in its own file; (extern template, 32) in
-// attention.cu, so that it does not compile them again.
-#define FASTGPT_ATTENTION_HEAD_DIM(KIND, D)                                               \
-  KIND void attention_forward_head_dim<D, CudaLaunch>(const CudaLaunch&,                  \
-                                                      const AttentionForward&);            \
-  KIND void attention_backward_head_dim<D, CudaLaunch>(const CudaLaunch&,                 \
-                                                       const AttentionBackward&);
+// attention.cu, so that it does not compile them again. Each head dim's launch code with
+// CudaLaunch, and with RecordLaunch (launch_record.cuh: the same launches, recorded).
+#define FASTGPT_ATTENTION_HEAD_DIM_WITH(KIND, D, LAUNCH)                                     \
+  KIND void attention_forward_head_dim<D, LAUNCH>(const LAUNCH&, const AttentionForward&);   \
+  KIND void attention_backward_head_dim<D, LAUNCH>(const LAUNCH&, const AttentionBackward&);
+#define FASTGPT_ATTENTION_HEAD_DIM(KIND, D)               \
+  FASTGPT_ATTENTION_HEAD_DIM_WITH(KIND, D, CudaLaunch)    \
+  FASTGPT_ATTENTION_HEAD_DIM_WITH(KIND, D, RecordLaunch)
 
 }  // namespace fastgpt

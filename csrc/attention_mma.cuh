@@ -96,6 +96,33 @@ __device__ __forceinline__ void copy_kv_tile_async(Elem* k_s, Elem* v_s, int buf
                                          first, T);
 }
 
+// The K/V tiles 0..tiles - 1 of one head through the two buffers of k_s and v_s (tile 0
+// already in buffer 0, visible to all): visit(k0, K tile, V tile) for the tile of keys k0..
+// runs while the next tile is copied into the other buffer by cp.async; one __syncthreads
+// per tile. Index: k0's type (the forward's int saves registers; keys < 2^31, the host
+// checks).
+template <int D, int kThreads, typename Index, typename Elem, typename Visit>
+__device__ __forceinline__ void stream_kv_tiles(Elem* k_s, Elem* v_s, const Elem* k_head,
+                                                int64_t k_row_stride, const Elem* v_head,
+                                                int64_t v_row_stride, int tiles, int64_t T,
+                                                const Visit& visit) {
+  for (int tile = 0; tile < tiles; ++tile) {
+    const Index k0 = static_cast<Index>(tile) * kMmaKeys;
+    const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
+    const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
+    if (tile + 1 < tiles) {  // into the other buffer (free: see the barrier below)
+      copy_kv_tile_async<D, kThreads>(k_s, v_s, (tile + 1) % 2, k_head, k_row_stride, v_head,
+                                      v_row_stride, k0 + kMmaKeys, T);
+      cp_async_commit();
+    }
+    visit(k0, k_t, v_t);
+    if (tile + 1 < tiles) {
+      cp_async_wait<0>();
+      __syncthreads();  // the next tile visible to all; this one consumed by all
+    }
+  }
+}
+
 // The warp's A fragment of rows row0..row0 + 15, columns 16 kk..16 kk + 15 of a tile
 // (D-element rows, swizzled): lane l gives row row0 + l % 16, chunk 2 kk + l / 16.
 template <int D, typename Elem>
@@ -310,15 +337,9 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
   float m[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores (log2 units)
   float l[2] = {0.0f, 0.0f};            // this lane's part of the running sum
 
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int k0 = tile * kMmaKeys;
-    const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
-    const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
-    if (tile + 1 < tiles) {  // the next tile into the other buffer (free: see the barrier below)
-      copy_kv_tile_async<D, kThreads>(k_s, v_s, (tile + 1) % 2, k_head, k_layout.row_stride,
-                                      v_head, v_layout.row_stride, k0 + kMmaKeys, T);
-      cp_async_commit();
-    }
+  stream_kv_tiles<D, kThreads, int>(k_s, v_s, k_head, k_layout.row_stride, v_head,
+                                    v_layout.row_stride, tiles, T,
+                                    [&](int k0, const Elem* k_t, const Elem* v_t) {
     if (k0 <= first_row + 15) {  // warp-uniform: some key of the tile is in a row's past
       uint32_t keep[2] = {0, 0};  // first, while S's registers are free
       if (dropout.enabled) row_dropout_bits<kKeyTiles>(keep, dropout, bh, T, rows, k0);
@@ -368,11 +389,7 @@ attention_forward_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout,
       }
       add_accumulators_by_rows<Elem, D, kMmaKeys>(o, s, v_t, 0);  // O += P V
     }
-    if (tile + 1 < tiles) {
-      cp_async_wait<0>();
-      __syncthreads();  // the next tile visible to all; this one consumed by all
-    }
-  }
+  });
 
   // out = O / l, lse = m ln 2 + ln l, for the rows < T
   float inv_l[2];
@@ -699,15 +716,9 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
   float dq_acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.0f;
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int64_t k0 = static_cast<int64_t>(tile) * kMmaKeys;
-    const Elem* k_t = k_s + (tile % 2) * kMmaKeys * D;
-    const Elem* v_t = v_s + (tile % 2) * kMmaKeys * D;
-    if (tile + 1 < tiles) {
-      copy_kv_tile_async<D, kThreads>(k_s, v_s, (tile + 1) % 2, k_head, k_layout.row_stride,
-                                      v_head, v_layout.row_stride, k0 + kMmaKeys, T);
-      cp_async_commit();
-    }
+  stream_kv_tiles<D, kThreads, int64_t>(k_s, v_s, k_head, k_layout.row_stride, v_head,
+                                        v_layout.row_stride, tiles, T,
+                                        [&](int64_t k0, const Elem* k_t, const Elem* v_t) {
 #pragma unroll
     for (int part = 0; part < kMmaKeys / kKeys; ++part) {  // the tile kKeys keys at a time
       const int64_t key0 = k0 + part * kKeys;
@@ -732,11 +743,7 @@ attention_backward_dq_mma_kernel(const Elem* __restrict__ q, HeadLayout q_layout
       }
       add_accumulators_by_rows<Elem, D, kKeys>(dq_acc, s, k_t, part * kKeys);  // dQ += dS K
     }
-    if (tile + 1 < tiles) {
-      cp_async_wait<0>();
-      __syncthreads();
-    }
-  }
+  });
   const float factor[2] = {scale, scale};
   store_rows<Elem, D>(dq + bh * T * D, dq_acc, first_row, T, factor);
 }

@@ -7,39 +7,37 @@
 
 namespace fastgpt {
 
-void check_adamw_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& step_tensor,
-                        c10::DeviceType device_type) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+void check_adamw_inputs(const AdamWStep& s, c10::DeviceType device_type) {
+  const size_t n = s.params.size();
+  TORCH_CHECK(s.grads.size() == n && s.exp_avgs.size() == n && s.exp_avg_sqs.size() == n,
               "adamw_step: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
-              "got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  const c10::Device device = n ? params[0].device() : c10::Device(device_type);
+              "got ", n, ", ", s.grads.size(), ", ", s.exp_avgs.size(), ", ",
+              s.exp_avg_sqs.size());
+  const c10::Device device = n ? s.params[0].device() : c10::Device(device_type);
   TORCH_CHECK(device.type() == device_type, "adamw_step: expected ", device_type,
               " tensors, got ", device);
   for (size_t t = 0; t < n; ++t) {
-    const at::Tensor* tensors[] = {&params[t], &grads[t], &exp_avgs[t], &exp_avg_sqs[t]};
+    const at::Tensor& param = s.params[t];
+    const at::Tensor* tensors[] = {&param, &s.grads[t], &s.exp_avgs[t], &s.exp_avg_sqs[t]};
     const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
     for (int k = 0; k < 4; ++k) {
       TORCH_CHECK(tensors[k]->device() == device, "adamw_step: ", names[k], " ", t, " is on ",
                   tensors[k]->device(), ", the params on ", device);
       TORCH_CHECK(tensors[k]->is_contiguous(), "adamw_step: ", names[k], " ", t,
                   " must be contiguous");
-      TORCH_CHECK(tensors[k]->numel() == params[t].numel(), "adamw_step: ", names[k], " ", t,
-                  " has ", tensors[k]->numel(), " elements, its param ", params[t].numel());
+      TORCH_CHECK(tensors[k]->numel() == param.numel(), "adamw_step: ", names[k], " ", t,
+                  " has ", tensors[k]->numel(), " elements, its param ", param.numel());
     }
-    const auto dtype = params[t].scalar_type();
+    const auto dtype = param.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "adamw_step: param ", t, " must be float32, bfloat16 or float16, got ", dtype);
-    TORCH_CHECK(grads[t].scalar_type() == dtype, "adamw_step: grad ", t, " is ",
-                grads[t].scalar_type(), ", its param ", dtype);
-    TORCH_CHECK(exp_avgs[t].scalar_type() == at::kFloat &&
-                    exp_avg_sqs[t].scalar_type() == at::kFloat,
+    TORCH_CHECK(s.grads[t].scalar_type() == dtype, "adamw_step: grad ", t, " is ",
+                s.grads[t].scalar_type(), ", its param ", dtype);
+    TORCH_CHECK(s.exp_avgs[t].scalar_type() == at::kFloat &&
+                    s.exp_avg_sqs[t].scalar_type() == at::kFloat,
                 "adamw_step: exp_avg and exp_avg_sq ", t, " must be float32");
   }
-  const std::optional<at::Tensor>* scalars[] = {&grad_scale, &lr_tensor, &step_tensor};
+  const std::optional<at::Tensor>* scalars[] = {&s.grad_scale, &s.lr_tensor, &s.step_tensor};
   const char* scalar_names[] = {"grad_scale", "lr_tensor", "step_tensor"};
   for (int k = 0; k < 3; ++k) {
     const std::optional<at::Tensor>& t = *scalars[k];
@@ -84,7 +82,10 @@ TORCH_LIBRARY_FRAGMENT(fastgpt, m) {
         "bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { m.impl("adamw_step", &fastgpt::adamw_step_cpu); }
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("adamw_step",
+         &fastgpt::adamw_step_op<fastgpt::adamw_step_cpu, c10::DeviceType::CPU>);
+}
 
 // `import fastgpt._C` loads the library (and so registers the ops); the module is empty.
 #define FASTGPT_CONCAT_(a, b) a##b

@@ -212,9 +212,9 @@ int adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
     const auto view = [](const std::optional<GuardedTensor>& x) {
       return x ? std::optional<at::Tensor>(x->view) : std::nullopt;
     };
-    launches = fastgpt::adamw_step_launches(launch, p, g, m, v, lr, beta1, beta2, eps,
-                                            weight_decay, step, view(scale), view(lr_in),
-                                            view(step_in));
+    launches = fastgpt::adamw_step_launches(
+        launch, {p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, view(scale),
+                 view(lr_in), view(step_in)});
     call.check_races({});
     red_zones.check();
   }

@@ -435,31 +435,25 @@ inline std::string take_report() {
 
 extern "C" {
 
-#define CUDA_ON_CPU_ACCESS(size)                                                                 \
-  CUDA_ON_CPU_UNWATCHED void __tsan_read##size(void* p) {                                        \
+// __tsan_<kind>read<size> and __tsan_<kind>write<size>, kind: plain, unaligned_, volatile_.
+#define CUDA_ON_CPU_READ_WRITE(kind, size)                                                       \
+  CUDA_ON_CPU_UNWATCHED void __tsan_##kind##read##size(void* p) {                                \
     cuda_on_cpu::racecheck::access(p, size, false);                                              \
   }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED void __tsan_write##size(void* p) {                                       \
-    cuda_on_cpu::racecheck::access(p, size, true);                                               \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED void __tsan_unaligned_read##size(void* p) {                              \
-    cuda_on_cpu::racecheck::access(p, size, false);                                              \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED void __tsan_unaligned_write##size(void* p) {                             \
-    cuda_on_cpu::racecheck::access(p, size, true);                                               \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED void __tsan_volatile_read##size(void* p) {                               \
-    cuda_on_cpu::racecheck::access(p, size, false);                                              \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED void __tsan_volatile_write##size(void* p) {                              \
+  CUDA_ON_CPU_UNWATCHED void __tsan_##kind##write##size(void* p) {                               \
     cuda_on_cpu::racecheck::access(p, size, true);                                               \
   }
+#define CUDA_ON_CPU_ACCESS(size)                                                                 \
+  CUDA_ON_CPU_READ_WRITE(, size)                                                                 \
+  CUDA_ON_CPU_READ_WRITE(unaligned_, size)                                                       \
+  CUDA_ON_CPU_READ_WRITE(volatile_, size)
 CUDA_ON_CPU_ACCESS(1)
 CUDA_ON_CPU_ACCESS(2)
 CUDA_ON_CPU_ACCESS(4)
 CUDA_ON_CPU_ACCESS(8)
 CUDA_ON_CPU_ACCESS(16)
 #undef CUDA_ON_CPU_ACCESS
+#undef CUDA_ON_CPU_READ_WRITE
 
 CUDA_ON_CPU_UNWATCHED void __tsan_read_range(void* p, unsigned long size) {
   cuda_on_cpu::racecheck::access(p, size, false);
@@ -476,7 +470,20 @@ CUDA_ON_CPU_UNWATCHED void __tsan_atomic_thread_fence(int) { __atomic_thread_fen
 CUDA_ON_CPU_UNWATCHED void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
 // The atomics themselves, sequentially consistent whatever order was asked (stronger is
-// correct); not checked for races (atomics never race).
+// correct); not checked for races (atomics never race): a read-modify-write `name` by the
+// builtin `builtin`, a compare-exchange `strength`, and the rest.
+#define CUDA_ON_CPU_ATOMIC_RMW(bits, type, name, builtin)                                       \
+  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_##name(volatile type* a, type v, int) {      \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
+    return builtin(a, v, __ATOMIC_SEQ_CST);                                                      \
+  }
+#define CUDA_ON_CPU_ATOMIC_CAS(bits, type, strength)                                             \
+  CUDA_ON_CPU_UNWATCHED int __tsan_atomic##bits##_compare_exchange_##strength(                   \
+      volatile type* a, type* expected, type v, int, int) {                                      \
+    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
+    return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST,                  \
+                                       __ATOMIC_SEQ_CST);                                        \
+  }
 #define CUDA_ON_CPU_ATOMICS(bits, type)                                                          \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_load(const volatile type* a, int) {           \
     return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                 \
@@ -485,46 +492,15 @@ CUDA_ON_CPU_UNWATCHED void __tsan_atomic_signal_fence(int) { __atomic_signal_fen
     cuda_on_cpu::racecheck::atomic_write(a);                                                     \
     __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                    \
   }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_exchange(volatile type* a, type v, int) {     \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_add(volatile type* a, type v, int) {    \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_sub(volatile type* a, type v, int) {    \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_and(volatile type* a, type v, int) {    \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_or(volatile type* a, type v, int) {     \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                            \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_xor(volatile type* a, type v, int) {    \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                           \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_fetch_nand(volatile type* a, type v, int) {   \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                          \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED int __tsan_atomic##bits##_compare_exchange_strong(                       \
-      volatile type* a, type* expected, type v, int, int) {                                      \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST,                  \
-                                       __ATOMIC_SEQ_CST);                                        \
-  }                                                                                              \
-  CUDA_ON_CPU_UNWATCHED int __tsan_atomic##bits##_compare_exchange_weak(                         \
-      volatile type* a, type* expected, type v, int, int) {                                      \
-    cuda_on_cpu::racecheck::atomic_write(a);                                                     \
-    return __atomic_compare_exchange_n(a, expected, v, false, __ATOMIC_SEQ_CST,                  \
-                                       __ATOMIC_SEQ_CST);                                        \
-  }                                                                                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, exchange, __atomic_exchange_n)                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_add, __atomic_fetch_add)                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_sub, __atomic_fetch_sub)                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_and, __atomic_fetch_and)                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_or, __atomic_fetch_or)                                \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_xor, __atomic_fetch_xor)                              \
+  CUDA_ON_CPU_ATOMIC_RMW(bits, type, fetch_nand, __atomic_fetch_nand)                            \
+  CUDA_ON_CPU_ATOMIC_CAS(bits, type, strong)                                                     \
+  CUDA_ON_CPU_ATOMIC_CAS(bits, type, weak)                                                       \
   CUDA_ON_CPU_UNWATCHED type __tsan_atomic##bits##_compare_exchange_val(                         \
       volatile type* a, type expected, type v, int, int) {                                       \
     cuda_on_cpu::racecheck::atomic_write(a);                                                     \
@@ -536,5 +512,7 @@ CUDA_ON_CPU_ATOMICS(16, short)
 CUDA_ON_CPU_ATOMICS(32, int)
 CUDA_ON_CPU_ATOMICS(64, long)
 #undef CUDA_ON_CPU_ATOMICS
+#undef CUDA_ON_CPU_ATOMIC_CAS
+#undef CUDA_ON_CPU_ATOMIC_RMW
 
 }  // extern "C"
