@@ -11,12 +11,10 @@ triton_ce.self_check makes on a GPU, compiled ahead of time for each arch
 before issue 16's fix, and the training launch at V = 50257 and 50304. Per kernel and arch:
 
 - registers, local memory (the stack frame: spills live there) from `cuobjdump -res-usage`;
-- static shared memory from the same; dynamic shared memory from the launch: for csrc/, the
-  shared-bytes argument of the kernel's launch in the source, evaluated with the file's
-  constexpr constants (dynamic_shared_memory()); for Triton, the compile's metadata.shared
-  (Triton's shared memory is all dynamic);
-- threads per block: csrc/'s __launch_bounds__ (EIATTR_MAX_THREADS in the cubin; every
-  launch in csrc/ uses its kernel's bound), Triton's num_warps * 32;
+- static shared memory from the same; dynamic shared memory and threads per block from
+  the launch: for csrc/, what the extension's own launch code asks for (launch_sizes(): the
+  op fastgpt::kernel_launches, compiled into the build); for Triton, the compile's
+  metadata.shared (Triton's shared memory is all dynamic) and num_warps * 32;
 - theoretical occupancy by the CUDA occupancy rules (occupancy(), ARCHS);
 - the instruction mix that decides speed (INSTRUCTION_CLASSES), counted in the SASS of
   `cuobjdump -sass` (the extension's fat binary) and `nvdisasm` (Triton's cubins). Counts
@@ -29,7 +27,6 @@ packages (pip install -e ".[test]"), else the CUDA toolkit's, else the copies Tr
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib.metadata
 import json
@@ -43,7 +40,6 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -296,126 +292,35 @@ def occupancy(arch: Arch, threads: int, regs: int, smem: int) -> Occupancy:
     return Occupancy(blocks, warps, warps / arch.max_warps_per_sm, limit)
 
 
-# --- dynamic shared memory of csrc/'s launches ----------------------------------------
+# --- csrc/'s launch sizes, from the build ---------------------------------------------
 
-def _split_arguments(text: str) -> list[str]:
-    """The top-level comma-separated arguments of text (which starts after the '(' of a
-    call), up to its closing ')'; commas inside (), [] and template <> do not split."""
-    args, depth, start = [], 0, 0
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if text.startswith("->", i):
-            i += 2
-            continue
-        if c in "([<":
-            depth += 1
-        elif c in ")]>":
-            if depth == 0:
-                args.append(text[start:i].strip())
-                return args
-            depth -= 1
-        elif c == "," and depth == 0:
-            args.append(text[start:i].strip())
-            start = i + 1
-        i += 1
-    raise ValueError("unbalanced call")
-
-
-def _evaluate(expression: str, names: dict[str, int]) -> int:
-    """An integer C++ expression of literals, names, + - * / ( ) (C++ integer division) and
-    one conditional `a <= b ? x : y` (comparisons < <= > >= ==)."""
-    conditional = re.fullmatch(r"([^?]*)\?([^:]*):(.*)", " ".join(expression.split()))
-    if conditional:
-        condition, chosen, other = conditional.groups()
-        return _evaluate(chosen if _evaluate_condition(condition, names) else other, names)
-
-    def value(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            return names[node.id]
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -value(node.operand)
-        if isinstance(node, ast.BinOp):
-            left, right = value(node.left), value(node.right)
-            operations = {ast.Add: lambda: left + right, ast.Sub: lambda: left - right,
-                          ast.Mult: lambda: left * right, ast.Div: lambda: left // right}
-            return operations[type(node.op)]()
-        raise ValueError(f"cannot evaluate {ast.dump(node)} in {expression!r}")
-    return value(ast.parse(" ".join(expression.split()), mode="eval").body)
-
-
-def _evaluate_condition(condition: str, names: dict[str, int]) -> bool:
-    left, operator, right = re.fullmatch(r"(.*?)(<=|>=|==|<|>)(.*)", condition).groups()
-    a, b = _evaluate(left, names), _evaluate(right, names)
-    return {"<=": a <= b, ">=": a >= b, "==": a == b, "<": a < b, ">": a > b}[operator]
-
-
-def _substitute(expression: str, source: str, names: dict[str, int], sizes: dict[str, int]) -> int:
-    """Evaluate a launch's shared-bytes argument: sizeof(T) by `sizes`, calls of constexpr
-    functions `f<...>()` by their `return ...;`, names by `names`, then the constexpr and
-    `const int` definitions of `source`."""
-    def call(found):
-        body = re.search(rf"constexpr int {found.group(1)}\(\)\s*\{{(?:\s*//[^\n]*)?\s*return\s+([^;]*);",
-                         source)
-        if not body:
-            raise ValueError(f"no constexpr function {found.group(1)} in the source")
-        return f"({_substitute(body.group(1), source, names, sizes)})"
-
-    expression = re.sub(r"(\w+)<[^<>()]*>\(\)", call, expression)
-    expression = re.sub(r"sizeof\((\w+)\)", lambda m: str(sizes[m.group(1)]), expression)
-    known = dict(names)
-    for name in set(re.findall(r"[A-Za-z_]\w*", expression)) - set(known):
-        definition = re.search(rf"(?:constexpr|const) int {name} = (.*?);", source, re.S)
-        if not definition:
-            raise ValueError(f"no definition of {name} in the source")
-        known[name] = _substitute(definition.group(1), source, names, sizes)
-    return _evaluate(expression, known)
-
-
-SIZES = {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2, "c10::Half": 2,
-         "c10::BFloat16": 2, "int": 4}
-
-
-def dynamic_shared_memory(demangled: str, sources=None) -> int:
-    """The dynamic shared memory of the kernel `demangled` (c++filt's name), read from its
-    launch in csrc/ (*.cu, *.cuh): the 4th argument of `launch(kernel<...>, grid, threads,
-    shared_bytes, ...)` (attention.cuh's launcher) or the 3rd of `kernel<...><<<grid,
-    threads, shared_bytes, stream>>>`, evaluated for the kernel's template arguments with
-    the file's constexpr constants and functions. Raises ValueError when the kernel has no
-    launch there or its launches disagree."""
-    found = re.search(r"(\w+)<([^()]*)>\(", demangled) or re.search(r"(\w+)\(", demangled)
-    kernel = found.group(1)
-    actual = [a.strip() for a in found.group(2).split(",")] if found.lastindex == 2 else []
-    values = set()
-    paths = sources or sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh"))
-    library = "\n".join(Path(path).read_text() for path in paths)  # where names are defined
-    for path in paths:
-        source = Path(path).read_text()
-        for call in re.finditer(rf"\blaunch\(\s*{kernel}\b", source):
-            args = _split_arguments(source[call.start() + len("launch("):])
-            values.add((library, args[0], args[3]))
-        for call in re.finditer(rf"\b{kernel}(<[^<>]*>)?<<<", source):
-            args = _split_arguments(source[call.end():].replace(">>>", ")", 1))
-            values.add((library, kernel + (call.group(1) or ""), args[2]))
-    if not values:
-        raise ValueError(f"no launch of {kernel} in csrc/: dynamic_shared_memory() cannot "
-                         "size it (update it for the new launch code)")
-    results = set()
-    for source, launched, shared in values:
-        formal = re.search(r"<(.*)>", launched)
-        formal = [a.strip() for a in formal.group(1).split(",")] if formal else []
-        names, sizes = {}, dict(SIZES)
-        for name, value in zip(formal, actual):
-            if re.fullmatch(r"-?\d+", value):
-                names[name] = int(value)
-            elif value in SIZES:
-                sizes[name] = SIZES[value]
-        results.add(_substitute(shared, source, names, sizes))
-    if len(results) != 1:
-        raise ValueError(f"{kernel}'s launches ask for different shared memory: {results}")
-    return results.pop()
+def launch_sizes(library: str) -> dict[str, tuple[int, int]]:
+    """{demangled kernel: (threads per block, dynamic shared memory bytes)} of every launch
+    that the extension's launch code makes: the op fastgpt::kernel_launches (csrc/attention.cu)
+    runs adamw.cuh's and attention.cuh's launch code, for every dtype and head dim, with a
+    launcher that records instead of launching (csrc/launch_record.cuh). It names each
+    kernel by its host stub's offset in the library, which `nm` (binutils) names. Loaded in
+    a subprocess: one build of the fastgpt ops per process. Raises ValueError where one
+    kernel is launched with two sizes."""
+    code = ("import json, sys, torch; torch.ops.load_library(sys.argv[1]); "
+            "print(json.dumps(torch.ops.fastgpt.kernel_launches()))")
+    out = run_tool(sys.executable, "-c", code, library)
+    kernels, threads, shared = json.loads(out.strip().splitlines()[-1])
+    symbols = {}
+    for line in run_tool("nm", "--defined-only", library).splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[1] in "tT":
+            symbols[int(fields[0], 16)] = fields[2]
+    missing = [hex(offset) for offset in kernels if offset not in symbols]
+    if missing:
+        raise ValueError(f"no symbol at {missing} in {library} (stripped?)")
+    names = demangle(sorted({symbols[offset] for offset in kernels}))
+    sizes = {}
+    for offset, size in zip(kernels, zip(threads, shared)):
+        name = names[symbols[offset]]
+        if sizes.setdefault(name, size) != size:
+            raise ValueError(f"{name} is launched with two sizes: {sizes[name]} and {size}")
+    return sizes
 
 
 # --- the kernels ----------------------------------------------------------------------
@@ -441,19 +346,31 @@ class Kernel:
                          self.static_smem + self.dynamic_smem)
 
 
-def extension_kernels(library: str, arch: int, cuobjdump: str) -> list[Kernel]:
-    """Every kernel of the built extension (a fastgpt_C_cuda*.so) for sm_<arch>."""
+def extension_kernels(library: str, arch: int, cuobjdump: str,
+                      sizes: dict[str, tuple[int, int]] | None = None) -> list[Kernel]:
+    """Every kernel of the built extension (a fastgpt_C_cuda*.so) for sm_<arch>, with the
+    threads and dynamic shared memory of its launches (`sizes`, default launch_sizes()).
+    Raises ValueError for a kernel that no launch uses, or one launched with more threads
+    than its __launch_bounds__ (EIATTR_MAX_THREADS) allow."""
     usage = resource_usage(cuobjdump, library, arch)
-    threads = max_threads(cuobjdump, library, arch)
+    bounds = max_threads(cuobjdump, library, arch)
     sass = opcodes_by_function(run_tool(cuobjdump, "-sass", "-arch", f"sm_{arch}", library))
+    sizes = launch_sizes(library) if sizes is None else sizes
     names = demangle(sorted(usage))
     kernels = []
     for mangled in sorted(usage, key=lambda m: short_name(names[m])):
         u = usage[mangled]
+        if names[mangled] not in sizes:
+            raise ValueError(f"{names[mangled]} is compiled but fastgpt::kernel_launches "
+                             "records no launch of it")
+        threads, dynamic_smem = sizes[names[mangled]]
+        if threads > bounds.get(mangled, threads):
+            raise ValueError(f"{names[mangled]} is launched with {threads} threads, above "
+                             f"its __launch_bounds__ of {bounds[mangled]}")
         kernels.append(Kernel(
             short_name(names[mangled]), "fastgpt._C", arch, u["REG"], u["SHARED"],
-            dynamic_shared_memory(names[mangled]), u["LOCAL"], threads[mangled],
-            instruction_mix(sass[mangled]), mangled=mangled))
+            dynamic_smem, u["LOCAL"], threads, instruction_mix(sass[mangled]),
+            mangled=mangled))
     return kernels
 
 
@@ -563,6 +480,11 @@ def mix_table(kernels: list[Kernel], with_origin: bool) -> list[str]:
     return lines
 
 
+def tables(kernels: list[Kernel], with_origin: bool) -> list[str]:
+    """The resource table and the instruction-mix table of these kernels."""
+    return resource_table(kernels, with_origin) + [""] + mix_table(kernels, with_origin)
+
+
 def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
            extra: list[Kernel], facts: dict[str, str]) -> str:
     """The markdown report of one arch's kernels."""
@@ -576,9 +498,9 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
     out += [f"- {key}: {value}" for key, value in facts.items()]
     out += ["",
             "Columns: `regs` registers per thread; `static smem` declared `__shared__` "
-            "arrays; `dynamic smem` the launch's dynamic shared memory (csrc/: the launch's "
-            "shared-bytes argument evaluated from the source; Triton: all of its shared "
-            "memory); `local (spills)` local memory per thread in bytes (spills and "
+            "arrays; `dynamic smem` the launch's dynamic shared memory (csrc/: what the "
+            "build's launch code asks for, fastgpt::kernel_launches; Triton: all of its "
+            "shared memory); `local (spills)` local memory per thread in bytes (spills and "
             "dynamically indexed arrays live there: 0 means none); `threads` per block; "
             f"occupancy: resident warps per SM of {spec.gpu} by the CUDA occupancy rules "
             f"({spec.regs_per_sm} registers allocated per warp in units of "
@@ -593,8 +515,7 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
     out += ["Instruction classes:", ""]
     out += [f"- `{column}`: {what}" for column, what, _ in INSTRUCTION_CLASSES]
     if extension:
-        out += ["", "## fastgpt._C (csrc/, nvcc)", ""] + resource_table(extension, False)
-        out += [""] + mix_table(extension, False)
+        out += ["", "## fastgpt._C (csrc/, nvcc)", ""] + tables(extension, False)
     out += ["", "## Triton: every launch compiled ahead of time: the cross-entropy "
             "self-check's (fastgpt/ops/triton_ce.py) and the linear + cross-entropy's "
             "version 2 (fastgpt/ops/triton_linear_ce.py)", "",
@@ -606,30 +527,32 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
         if k.origin not in seen:
             seen.add(k.origin)
             out.append(f"- {k.origin.removeprefix('triton: ')}: `{k.name}({k.specialization})`")
-    out += [""] + resource_table(self_check, True) + [""] + mix_table(self_check, True)
-    if extra:
-        out += ["", "## `_scale_kernel`: the branch on the scalar (issue 16)", "",
-                "Before, `scale != 1` was part of every lane's mask; the compiler cannot "
-                "tell that such a mask is constant over a vector, so each element was loaded "
-                "and stored alone. Now the kernel branches on the one scalar, and the "
-                "bounds mask `offsets < n` (n divisible by 16) allows 128-bit accesses:", ""]
-        scale = [k for k in extra if k.name == "_scale_kernel"]
-        out += resource_table(scale, True) + [""] + mix_table(scale, True)
-        out += ["", "## Cross-entropy rows at V = 50257 and 50304", "",
-                "The training forward (bf16 logits, mean, the gradient written in the same "
-                f"launch; {TRAINING_ROWS} rows). Triton vectorises the row's loads and "
-                "stores only when it can prove the row start aligned, i.e. when the row "
-                "stride (in elements) is divisible by 16; 50257 is odd, so every logit is "
-                "loaded and every gradient element stored 16 bits at a time. Padding the "
-                "vocabulary to a multiple of 64 (50304, as nanoGPT does for GPT-2) gives "
-                "the vector form:", ""]
-        ce = [k for k in extra if k.name == "_cross_entropy_kernel"]
-        out += resource_table(ce, True) + [""] + mix_table(ce, True)
+    out += [""] + tables(self_check, True)
+    # the report's own launches (report_launches()): (kernel, heading, what they show)
+    extra_sections = [
+        ("_scale_kernel", "## `_scale_kernel`: the branch on the scalar (issue 16)",
+         "Before, `scale != 1` was part of every lane's mask; the compiler cannot tell that "
+         "such a mask is constant over a vector, so each element was loaded and stored "
+         "alone. Now the kernel branches on the one scalar, and the bounds mask `offsets < n` "
+         "(n divisible by 16) allows 128-bit accesses:"),
+        ("_cross_entropy_kernel", "## Cross-entropy rows at V = 50257 and 50304",
+         "The training forward (bf16 logits, mean, the gradient written in the same launch; "
+         f"{TRAINING_ROWS} rows). Triton vectorises the row's loads and stores only when it "
+         "can prove the row start aligned, i.e. when the row stride (in elements) is "
+         "divisible by 16; 50257 is odd, so every logit is loaded and every gradient element "
+         "stored 16 bits at a time. Padding the vocabulary to a multiple of 64 (50304, as "
+         "nanoGPT does for GPT-2) gives the vector form:"),
+    ]
+    for name, heading, text in extra_sections if extra else []:
+        out += ["", heading, "", text, ""] + tables([k for k in extra if k.name == name], True)
     out += ["", "## What CI asserts (tests/test_kernel_report.py)", "",
             "- no local memory in any kernel (`local` 0, no `LDL`/`STL`), sm_80 and sm_90;",
             "- every Triton launch compiled ahead of time compiles for sm_80 and sm_90; the "
             "linear + cross-entropy's version 2 kernels issue `HMMA` (tensor cores) in "
             "bf16 and its backward adds its gradients with atomics;",
+            "- every kernel of the extension is launched by its launch code, with the "
+            "threads and dynamic shared memory above (fastgpt::kernel_launches), within "
+            "its `__launch_bounds__`;",
             "- `adamw_kernel`'s aligned path loads with 128-bit global loads;",
             "- every bf16/fp16 attention kernel (csrc/attention_mma.cuh: forward, dK/dV, "
             "deterministic dQ; D = 32, 64, 128) issues `HMMA`, loads tiles with `LDSM` and "

@@ -57,9 +57,16 @@ def triton_kernels(triton_records, tools):
 
 
 @pytest.fixture(scope="module")
-def extension_kernels(cuda_build, tools):
+def launch_sizes(cuda_build):
+    """{demangled kernel: (threads, dynamic shared bytes)} from the built extension."""
+    return kernel_report.launch_sizes(cuda_build.library)
+
+
+@pytest.fixture(scope="module")
+def extension_kernels(cuda_build, tools, launch_sizes):
     """{arch: the built extension's kernels}."""
-    return {arch: kernel_report.extension_kernels(cuda_build.library, arch, tools[0])
+    return {arch: kernel_report.extension_kernels(cuda_build.library, arch, tools[0],
+                                                  launch_sizes)
             for arch in ARCHS}
 
 
@@ -177,6 +184,31 @@ def test_tensor_core_attention_kernels_use_mma_ldmatrix_and_cp_async(extension_k
             assert forward.occupancy.warps >= 8, (arch, forward.occupancy)
 
 
+def test_launch_sizes_come_from_the_builds_launch_code(launch_sizes):
+    """Issue 27: the threads and dynamic shared memory of every launch, as the extension's
+    launch code asks for them (fastgpt::kernel_launches), against the tiles worked by hand:
+    Q, K and V tiles of 16-bit elements, K and V (and the dK/dV walk's Q and dO)
+    double-buffered."""
+    sizes = {kernel_report.short_name(name): size for name, size in launch_sizes.items()}
+    # the forward: 8 warps; Q (128 rows) and two K/V buffers of 64 rows, D = 64
+    assert sizes["attention_forward_mma_kernel<bf16, 64>"] == (256, (128 + 4 * 64) * 64 * 2)
+    # the deterministic dQ: 4 warps; Q and dO (64 rows each), two K/V buffers, D = 128
+    assert sizes["attention_backward_dq_mma_kernel<fp16, 128>"] == (
+        128, (2 * 64 + 4 * 64) * 128 * 2)
+    # dK/dV at D = 32 walks 64 query rows a step: K, V (64 keys), two Q and dO buffers,
+    # dS^T (64 x 64), then lse and Dr in fp32, two buffers of 64 each
+    assert sizes["attention_backward_dkdv_mma_kernel<bf16, 32>"] == (
+        128, (2 * 64 * 32 + 4 * 64 * 32 + 64 * 64) * 2 + 4 * 64 * 4)
+    # ... and at D = 128, 32 query rows a step (registers)
+    assert sizes["attention_backward_dkdv_mma_kernel<fp16, 128>"] == (
+        128, (2 * 64 * 128 + 4 * 32 * 128 + 64 * 32) * 2 + 4 * 32 * 4)
+    # static shared memory only: the fp32 kernels (4 warps), Dr, dQ's cast and AdamW
+    assert sizes["attention_forward_fp32_kernel<128>"] == (128, 0)
+    assert sizes["attention_backward_dr_kernel<fp32, 64>"] == (256, 0)
+    assert sizes["attention_backward_dq_convert_kernel<bf16>"] == (256, 0)
+    assert sizes["adamw_kernel<bf16>"] == (512, 0)
+
+
 def test_the_report_renders_every_kernel(extension_kernels, triton_kernels):
     extension = [k for kernels in extension_kernels.values() for k in kernels]
     for arch in ARCHS:
@@ -278,47 +310,6 @@ def test_instruction_mix_from_both_disassemblers():
     mix = kernel_report.instruction_mix(
         kernel_report.opcodes_by_function(SASS_NVDISASM)["_scale_kernel"])
     assert {k: v for k, v in mix.items() if v} == {"LDG.32": 1, "STG.128": 1}
-
-
-def test_dynamic_shared_memory_is_read_from_the_launch(tmp_path):
-    source = tmp_path / "kernels.cuh"
-    source.write_text("""
-constexpr int kTile = 64;
-constexpr int kLd = kTile + 4;
-template <typename Elem, int D>
-constexpr int tile_smem() {
-  return 2 * kTile * (D + 8) * sizeof(Elem) +
-         kTile * kLd * sizeof(float);
-}
-template <typename Elem, int D>
-void launches(const Launch& launch) {
-  launch(plain_kernel<D>, grid_of(bh, T, kTile), 128, 0, ptr<const float>(a.q), T);
-  const int shared_bytes = tile_smem<Elem, D>() / 2;
-  launch(tile_kernel<Elem, D>, grid_of(bh, T, kTile), kTile * 2, shared_bytes, a->q);
-}
-void step() { scale_kernel<T><<<blocks, 512, 3 * 128, stream>>>(args); }
-// a comment, then a conditional
-template <int D>
-constexpr int rows_for() {
-  return D <= 64 ? 64 : 32;
-}
-template <typename Elem, int D>
-constexpr int walk_smem() {  // K, V
-  return (2 * kTile * D + 4 * rows_for<D>() * D) * sizeof(Elem);
-}
-void more() { launch(walk_kernel<Elem, D>, grid, 128, walk_smem<Elem, D>(), q); }
-""")
-    read = lambda name: kernel_report.dynamic_shared_memory(name, sources=[source])
-    assert read("void ns::tile_kernel<__nv_bfloat16, 32>(const __nv_bfloat16*)") == (
-        2 * 64 * 40 * 2 + 64 * 68 * 4) // 2
-    assert read("void ns::tile_kernel<float, 128>(const float*)") == (
-        2 * 64 * 136 * 4 + 64 * 68 * 4) // 2
-    assert read("void ns::plain_kernel<64>(const float*)") == 0
-    assert read("void ns::scale_kernel<c10::Half>(int)") == 384
-    assert read("void ns::walk_kernel<__half, 64>(int)") == (2 * 64 * 64 + 4 * 64 * 64) * 2
-    assert read("void ns::walk_kernel<float, 128>(int)") == (2 * 64 * 128 + 4 * 32 * 128) * 4
-    with pytest.raises(ValueError, match="no launch of missing_kernel"):
-        read("void ns::missing_kernel<float>(int)")
 
 
 def test_short_names():
