@@ -170,6 +170,7 @@ def cuda_tool(name: str) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_cuda_build_compiles_without_spills_and_registers_its_ops(cuda_build):
     log = cuda_build.log
     for op in ("adamw_step", "attention_forward", "attention_backward"):

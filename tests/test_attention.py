@@ -402,6 +402,7 @@ CPU_RUN_SCHEDULES = [("forward", 0), ("reversed", 0), ("shuffled", 5)]
                  id=f"{str(case[0])[6:]}-D{case[1]}-T{case[2]}-p{case[3]:g}-"
                     f"{CPU_RUN_SCHEDULES[i % 3][0]}")
     for i, case in enumerate(CPU_RUN_CASES)])
+@pytest.mark.slow
 def test_cuda_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
                                             dropout_p, schedule):
     """The fp32 CUDA kernels themselves, run fiber per thread: out, lse, dq, dk, dv against
@@ -447,6 +448,7 @@ def run_on_cpu_against_fp64(kernels_on_cpu, q, k, v, g, dropout_p, seed, offset,
                     f"{CPU_RUN_SCHEDULES[i % 3][0]}{'-strided' if strided else ''}")
     for i, case in enumerate(TENSOR_CORE_CASES)
     for strided in [i % 3 == 0 and case[2] < 1000]])
+@pytest.mark.slow
 def test_tensor_core_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension, dtype, D, T,
                                                    dropout_p, schedule, strided):
     """csrc/attention_mma.cuh's kernels themselves, with mma.sync, ldmatrix and cp.async as the

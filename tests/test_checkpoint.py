@@ -342,6 +342,7 @@ except FastGPTError as exc:
 
 
 @pytest.mark.parametrize("limit", ["half", "all_but_the_end", "no_previous_file"])
+@pytest.mark.slow
 def test_a_write_that_really_fails_is_a_one_line_error(tmp_path, limit):
     """A real failed write, as on a full disk: RLIMIT_FSIZE below the checkpoint's size makes
     the writes fail with EFBIG, in torch.save (where its zip writer turns the OSError into a

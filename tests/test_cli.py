@@ -41,6 +41,7 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_console_script_and_module_run_info():
     script = shutil.which("fastgpt")
     assert script, "the fastgpt console script is not installed"
@@ -52,6 +53,7 @@ def test_console_script_and_module_run_info():
             assert op in result.stdout
 
 
+@pytest.mark.slow
 def test_prepare_train_sample_end_to_end(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     result = subprocess.run([sys.executable, "-m", "fastgpt", "prepare", "--corpus",
@@ -316,6 +318,7 @@ def test_a_prompt_that_is_not_utf8_is_refused_before_the_checkpoint_loads(capsys
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what info says on a CPU")
+@pytest.mark.slow
 def test_info_on_a_cpu_says_verify_runs_the_triton_kernel_through_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "fastgpt", "info"], capture_output=True,

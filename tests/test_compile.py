@@ -78,6 +78,7 @@ def test_the_fused_attention_traces_through_its_fakes(cpu_extension, monkeypatch
 
 
 @pytest.mark.parametrize("backend", ["reference", "linear_cross_entropy=fused"], indirect=True)
+@pytest.mark.slow
 def test_the_compiled_step_gives_the_eager_loss_and_gradients(backend, monkeypatch):
     if backend != "reference" and not ops.available()["linear_cross_entropy"][0]:
         require_or_skip(f"the fused linear_cross_entropy cannot run here: "
@@ -102,6 +103,7 @@ def test_the_compiled_step_gives_the_eager_loss_and_gradients(backend, monkeypat
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.slow
 def test_a_compiled_run_trains_like_an_eager_one_and_resumes_in_either_mode(
         tmp_path, corpus_file, capsys):
     runs = tmp_path / "runs"

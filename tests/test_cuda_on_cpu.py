@@ -258,6 +258,7 @@ ATTENTION_CASES = [(torch.float32, 32, 65), (torch.bfloat16, 64, 200), (torch.fl
 
 @pytest.mark.parametrize("dtype, D, T", ATTENTION_CASES,
                          ids=[f"{str(d)[6:]}-D{D}-T{T}" for d, D, T in ATTENTION_CASES])
+@pytest.mark.slow
 def test_attention_gives_the_same_bits_under_every_schedule(kernels_on_cpu, cpu_extension,
                                                             dtype, D, T):
     """out, lse, dk, dv and the deterministic dq: bit for bit in every schedule; dq by atomics

@@ -61,6 +61,7 @@ def assert_same_losses(mine: list[tuple], want: list[tuple]) -> None:
     (2, "1 micro-batch(es) of 8"), (4, "2 micro-batch(es) of 8"),   # whole micro-batches
     (1, "1 micro-batch(es) of 4"), (3, "3 micro-batch(es) of 4"),   # rows of each one
 ])
+@pytest.mark.slow
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, corpus_file,
                                                                      grad_accum, share):
     # With 2+ micro-batches per rank, DDP's no_sync skips the all-reduce on all but the
@@ -80,6 +81,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, c
     assert json.loads((runs / "two" / "config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_two_ranks_compiled_train_like_one_eager_process(tmp_path, corpus_file):
     # --compile under DDP: torch.compile of the DDP module (graphs split at the gradient
     # buckets), two micro-batches per rank so that no_sync runs compiled too
@@ -93,6 +95,7 @@ def test_two_ranks_compiled_train_like_one_eager_process(tmp_path, corpus_file):
     assert_same_losses(records(runs / "two", "eval"), records(runs / "one", "eval"))
 
 
+@pytest.mark.slow
 def test_torchrun_with_one_process_takes_the_distributed_path(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     train(tiny_config(runs, corpus_file, name="plain", **SETTINGS))
@@ -104,6 +107,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path(tmp_path, corpus_f
     assert len(load_checkpoint(runs / "one-rank" / "last.pt")["rng"]["ranks"]) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moves_from_two_ranks_to_one_and_back(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     train(tiny_config(runs, corpus_file, name="whole", **SETTINGS))
@@ -117,6 +121,7 @@ def test_a_checkpoint_moves_from_two_ranks_to_one_and_back(tmp_path, corpus_file
         assert_same_run(runs / name, runs / "whole", loss_rtol=LOSS_RTOL)
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_on_two_with_each_rank_s_own_dropout_stream(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     settings = dict(SETTINGS, dropout=0.1)
@@ -179,6 +184,7 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -244,6 +250,7 @@ def assert_left_the_process_group(output: str) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists threads through /proc")
+@pytest.mark.slow
 def test_every_rank_leaves_the_process_group_before_it_exits(tmp_path, corpus_file):
     script = tmp_path / "train_then_list_threads.py"
     script.write_text(TRAIN_THEN_LIST_THREADS)
@@ -251,6 +258,7 @@ def test_every_rank_leaves_the_process_group_before_it_exits(tmp_path, corpus_fi
     assert_left_the_process_group(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path, corpus_file):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
@@ -270,6 +278,7 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path, corpus_file):
         assert_left_the_process_group(result.stdout)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_all_ranks_at_the_same_step_with_a_checkpoint(tmp_path,
                                                                               corpus_file):
     runs = tmp_path / "runs"

@@ -97,6 +97,7 @@ def test_the_aot_launches_are_those_self_check_makes(monkeypatch):
     assert Counter(recorded) == Counter(expected)
 
 
+@pytest.mark.slow
 def test_every_self_check_launch_compiles_for_sm80_and_sm90_without_spills(
         triton_kernels, triton_records):
     labels = [label for label, _ in triton_aot.aot_launches()]
@@ -112,6 +113,7 @@ def test_every_self_check_launch_compiles_for_sm80_and_sm90_without_spills(
         assert k.occupancy.blocks >= 1, k
 
 
+@pytest.mark.slow
 def test_scale_kernel_moves_128_bits_a_thread_when_n_is_divisible_by_16(triton_kernels):
     """Part 6: the branch on the scalar lets the bounds mask alone decide the vector width.
     The self-check's bf16 V=512 and fp32 V=5000 gradients (n = 3072, 30000) qualify."""
@@ -125,6 +127,7 @@ def test_scale_kernel_moves_128_bits_a_thread_when_n_is_divisible_by_16(triton_k
         assert k.mix["STG.32"] == 0 and k.mix["STG<32"] == 0, k
 
 
+@pytest.mark.slow
 def test_linear_cross_entropy_version_2_uses_tensor_cores_and_atomics(triton_kernels):
     """Issue 18: in bf16 (GPT-2's shape) version 2 multiplies its hidden x weight tiles on
     the tensor cores (HMMA; sm_90's HGMMA counted with it), forward and backward; in fp32
@@ -141,6 +144,7 @@ def test_linear_cross_entropy_version_2_uses_tensor_cores_and_atomics(triton_ker
 
 # --- the extension (part 5) -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_no_kernel_of_the_extension_uses_local_memory(extension_kernels):
     for arch, kernels in extension_kernels.items():
         names = {k.name for k in kernels}
@@ -151,6 +155,7 @@ def test_no_kernel_of_the_extension_uses_local_memory(extension_kernels):
             assert k.local == 0 and k.mix["LDL"] == 0 and k.mix["STL"] == 0, (arch, k)
 
 
+@pytest.mark.slow
 def test_adamw_aligned_path_uses_128_bit_global_loads(extension_kernels):
     """The vector path reads 4 elements a thread: m and v (fp32 state) as one 128-bit load
     each; params and grads as 128 bits (fp32) or 64 bits (bf16, fp16)."""
@@ -164,6 +169,7 @@ def test_adamw_aligned_path_uses_128_bit_global_loads(extension_kernels):
             assert mix["STG.128"] >= 2 and mix["STG.64"] >= 1, (arch, half, mix)
 
 
+@pytest.mark.slow
 def test_tensor_core_attention_kernels_use_mma_ldmatrix_and_cp_async(extension_kernels):
     """Issue 17: every bf16 and fp16 attention kernel of csrc/attention_mma.cuh (the forward,
     dK/dV, the deterministic dQ; 3 head dims) issues HMMA, loads its tiles with LDSM
@@ -184,6 +190,7 @@ def test_tensor_core_attention_kernels_use_mma_ldmatrix_and_cp_async(extension_k
             assert forward.occupancy.warps >= 8, (arch, forward.occupancy)
 
 
+@pytest.mark.slow
 def test_launch_sizes_come_from_the_builds_launch_code(launch_sizes):
     """Issue 27: the threads and dynamic shared memory of every launch, as the extension's
     launch code asks for them (fastgpt::kernel_launches), against the tiles worked by hand:
@@ -209,6 +216,7 @@ def test_launch_sizes_come_from_the_builds_launch_code(launch_sizes):
     assert sizes["adamw_kernel<bf16>"] == (512, 0)
 
 
+@pytest.mark.slow
 def test_the_report_renders_every_kernel(extension_kernels, triton_kernels):
     extension = [k for kernels in extension_kernels.values() for k in kernels]
     for arch in ARCHS:

@@ -82,6 +82,7 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_a_live_run_locks_its_directory_until_it_dies(tmp_path, corpus_file, capsys):
     runs = tmp_path / "runs"
     run_dir = runs / "tiny"
@@ -202,6 +203,7 @@ def test_temporaries_of_a_live_run_are_left_alone(finished_run, corpus_file):
     assert set(STALE) <= {p.name for p in finished_run.iterdir()}
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_leaves_a_temporary_that_the_resume_removes(
         tmp_path, corpus_file):
     runs = tmp_path / "runs"

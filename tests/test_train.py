@@ -47,6 +47,7 @@ def test_training_learns_and_writes_its_outputs(tmp_path, corpus_file):
 
 
 @pytest.mark.parametrize("corpus_chars", [None, 2500], ids=["long-epoch", "epoch-wraps"])
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, real_text, corpus_chars):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(real_text[:corpus_chars] if corpus_chars else real_text)
@@ -64,6 +65,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, real_tex
     assert_same_run(runs / "split", runs / "whole")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     # log_interval 3: the stop must not add a train record the uninterrupted run lacks
@@ -326,6 +328,7 @@ class ScriptedEvals:
         return {"train": value + 0.5, "val": value}
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_best_val_loss_patience_and_tokens_seen(tmp_path, corpus_file,
                                                                    monkeypatch):
     # best at step 3; steps 6, 9, 12 do not improve: patience 3 stops the run at step 12.
@@ -352,6 +355,7 @@ SAVES = 7
 
 
 @pytest.mark.parametrize("crash_after", range(1, SAVES))
+@pytest.mark.slow
 def test_best_pt_is_never_staler_than_last_pt_wherever_a_kill_cuts_the_saves(
         tmp_path, corpus_file, monkeypatch, crash_after):
     evals = ScriptedEvals(monkeypatch, [5.0, 4.0, 4.5, 3.0])  # at steps 0, 3, 6, 9
@@ -390,6 +394,7 @@ def test_best_pt_is_never_staler_than_last_pt_wherever_a_kill_cuts_the_saves(
     assert_same_run(killed, runs / "whole")
 
 
+@pytest.mark.slow
 def test_a_stop_during_an_eval_abandons_it_and_the_resume_is_exact(tmp_path, corpus_file,
                                                                   monkeypatch):
     runs = tmp_path / "runs"
@@ -452,6 +457,7 @@ def test_the_estimate_counts_steps_and_evals_and_hints_at_the_cpu_preset():
     assert "--preset cpu" not in line
 
 
+@pytest.mark.slow
 def test_progress_lines_reach_a_file_before_a_kill_9(tmp_path, corpus_file):
     runs = tmp_path / "runs"
     out = tmp_path / "out.txt"

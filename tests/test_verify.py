@@ -22,6 +22,7 @@ def kernels(request):
     assert ops.status("adamw")[0], ops.status("adamw")[1]
 
 
+@pytest.mark.slow
 def test_verify_passes_and_prints_the_table(capsys):
     assert main(["verify"]) == 0
     out = capsys.readouterr().out
