@@ -345,8 +345,9 @@ def check_the_copy_is_imported(copy: Path, env: dict[str, str]) -> None:
 
 def run_tests(copy: Path, env: dict[str, str], tests: tuple, timeout: float
               ) -> tuple[str, float, str]:
-    """("passed" | "failed" | "error", seconds, the output's tail)."""
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+    """("passed" | "failed" | "error", seconds, the output's tail). -n 0: in one process
+    (under xdist, -x ends the run as interrupted, exit status 2, not as failed)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0",
                f"--basetemp={copy.parent / 'pytest-tmp'}", *tests]
     started = time.perf_counter()
     try:

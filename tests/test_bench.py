@@ -33,6 +33,7 @@ needs_fused_cross_entropy = pytest.mark.usefixtures("fused_cross_entropy")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
 @needs_fused_cross_entropy
+@pytest.mark.slow
 def test_linear_cross_entropy_benchmark_checks_the_memory_claim_on_a_cpu(tmp_path):
     out = tmp_path / "lce.json"
     result = run_bench("bench_linear_cross_entropy.py", "--reps", "1", "--out", str(out))
@@ -54,6 +55,7 @@ def test_linear_cross_entropy_benchmark_checks_the_memory_claim_on_a_cpu(tmp_pat
     ("bench_adamw.py", ("--sets", "seed (11.1M)"), "no CUDA GPU", ("set", "clip", "parameters"),
      [("seed (11.1M)", False, 11_132_672), ("seed (11.1M)", True, 11_132_672)]),
 ], ids=["cross_entropy", "adamw"])
+@pytest.mark.slow
 def test_reference_mode_writes_its_rows(tmp_path, script, args, says, keys, rows):
     out = tmp_path / "result.json"
     result = run_bench(script, *args, "--reps", "1", "--warmup", "1", "--out", str(out))
@@ -88,6 +90,7 @@ def _import_bench(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@pytest.mark.slow
 def test_train_benchmark_cpu_mode(tmp_path):
     out = tmp_path / "train.json"
     result = run_bench("bench_train.py", "--configs", "tiny", "--steps", "2", "--runs", "1",
@@ -105,6 +108,7 @@ def test_train_benchmark_cpu_mode(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@pytest.mark.slow
 def test_train_benchmark_runs_the_stock_and_fused_variants_on_a_cpu(tmp_path):
     # variants 3-5 are the GPU's (gpu_check runs 1 3 4 5): a tiny CPU run catches a variant
     # that no longer builds or steps before a lease is spent on it (4 and 5 take the Triton
@@ -189,6 +193,7 @@ class GPT(torch.nn.Module):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@pytest.mark.slow
 def test_compile_benchmark_times_every_variant_in_turns(tmp_path):
     nanogpt = tmp_path / "model.py"
     nanogpt.write_text(NANOGPT_STAND_IN)
@@ -218,6 +223,7 @@ def test_compile_benchmark_fails_when_the_compiled_step_computes_something_else(
 
 
 @needs_fused_cross_entropy
+@pytest.mark.slow
 def test_quality_trains_both_backends_and_compares_them(tmp_path, corpus_file):
     out_dir = tmp_path / "quality"
     result = subprocess.run(
@@ -297,6 +303,7 @@ def test_report_renders_the_attention_benchmark(tmp_path):
     assert "| float32 | 2x6x16x64 | - | " in shown.stdout
 
 
+@pytest.mark.slow
 def test_report_renders_the_cpu_train_benchmark(tmp_path):
     out = tmp_path / "train.json"
     result = run_bench("bench_train.py", "--configs", "tiny", "--variants", "1", "--steps",
@@ -310,6 +317,7 @@ def test_report_renders_the_cpu_train_benchmark(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@pytest.mark.slow
 def test_attention_benchmark_cpu_mode(tmp_path):
     out = tmp_path / "attention.json"
     result = run_bench("bench_attention.py", "--seqs", "16", "64", "--tokens", "128", "--reps",

@@ -391,6 +391,7 @@ def test_fused_where_available_names_the_kernels_that_run_here(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU without the interpreter")
+@pytest.mark.slow
 def test_fused_on_cpu_without_the_interpreter_says_why(tmp_path):
     code = ("import torch; from fastgpt import ops\n"
             "try:\n"

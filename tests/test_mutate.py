@@ -27,6 +27,7 @@ def test_every_pattern_occurs_once_and_every_test_file_exists():
     assert all(n >= (2 if family == "resume" else 3) for family, n in families.items()), families
 
 
+@pytest.mark.slow
 def test_a_mutation_is_caught_in_the_scratch_copy():
     """The machinery end to end on its cheapest entry: the copy, its import check, the
     baseline and the mutated run (about 20 s)."""
