@@ -68,6 +68,7 @@ def test_reference_mode_writes_its_rows(tmp_path, script, args, says, keys, rows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
+@pytest.mark.slow
 def test_gpu_check_refuses_cleanly_without_a_gpu():
     result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True,
                             text=True, timeout=120, env={**__import__("os").environ,
@@ -132,6 +133,7 @@ def test_train_benchmark_flops_per_token_counts_like_nanogpt():
     assert bench_train.flops_per_token(model, sizes) == 6 * non_embedding + 12 * 6 * 384 * 256
 
 
+@pytest.mark.slow
 def test_train_benchmark_fails_loudly_when_a_variant_learns_wrong(monkeypatch, capsys):
     bench_train = _import_bench("bench_train")
     build = bench_train.build_variant
@@ -292,6 +294,7 @@ def test_report_renders_gpu_shaped_results(tmp_path):
     assert "| seed (11.1M) | yes | 0.100 | 2.000 | 0.400 | 0.200 | 2.00x | 4.00x | 3000 |" in text
 
 
+@pytest.mark.slow
 def test_report_renders_the_attention_benchmark(tmp_path):
     out = tmp_path / "attention.json"
     result = run_bench("bench_attention.py", "--seqs", "16", "--tokens", "32", "--reps", "1",

@@ -378,6 +378,7 @@ def test_the_adamw_kernel_matches_torch_adamw_in_fp32(kernels_on_cpu):
             assert error <= 1e-6 * want.abs().max().item(), (i, error)
 
 
+@pytest.mark.slow
 def test_adamw_288_tensors_take_eight_launches_of_36(kernels_on_cpu, cpu_extension):
     sizes = [1 + 37 * i for i in range(288)]
     state = adamw_state(sizes, torch.float32, seed=3, misaligned=set(range(0, 288, 7)))

@@ -300,6 +300,7 @@ def assert_within_twice_torchs_error(fn, dtype, n, vocab, d, reduction, smoothin
 
 @pytest.mark.parametrize("dtype,n,vocab,d,reduction,smoothing,with_bias", V2_CASES,
                          ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.slow
 def test_version_2_matches_the_composition(dtype, n, vocab, d, reduction, smoothing,
                                            with_bias):
     assert_within_twice_torchs_error(version_2(filter=False), dtype, n, vocab, d, reduction,
@@ -307,6 +308,7 @@ def test_version_2_matches_the_composition(dtype, n, vocab, d, reduction, smooth
     assert not triton_linear_ce.LinearCrossEntropyV2.skipped_tiles.item()
 
 
+@pytest.mark.slow
 def test_version_2_skips_negligible_tiles_within_the_same_bound(monkeypatch):
     """A confident model (logits spread ~8x wider than at initialisation) leaves many
     vocabulary tiles with every probability below bf16's gradient resolution (2^-12): the
