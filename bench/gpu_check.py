@@ -40,6 +40,9 @@ import report  # bench/report.py (no torch at import; bench/ is on sys.path as t
 from stages import BUDGET_SKIP, finished, read_json, write_json  # bench/stages.py
 
 BENCH = Path(__file__).resolve().parent
+# pyproject's pytest options without xdist's `-n auto`: one process for the one GPU, and
+# the GPU machine's pytest may have no pytest-xdist (an unknown -n would stop it)
+ONE_PROCESS = ("-o", "addopts=-ra --strict-markers")
 ROOT = BENCH.parent
 DEFAULT_BUDGET_S = 420
 RESERVE_S = 15  # kept back for the report at the end
@@ -339,10 +342,10 @@ def gpu_stages() -> list[Stage]:
         Stage("verify", "fastgpt verify: fused against reference",
               ("{python}", "-m", "fastgpt", "verify"), expected_s=40, minimum_s=20, share_s=150),
         # the tests marked gpu_quick / gpu (tests/helpers.py): the CPU emulator's and the
-        # nvcc build's tests are CI's, not marked, so not run here. -n 0: one process on
-        # the GPU, not pyproject's one xdist worker per core
+        # nvcc build's tests are CI's, not marked, so not run here. In one process
+        # (ONE_PROCESS), not pyproject's one xdist worker per core
         Stage("gpu_tests", "the quick GPU tests (pytest -m gpu_quick)",
-              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *ONE_PROCESS,
                "-m", "gpu_quick", "tests"), expected_s=60, minimum_s=30, share_s=150),
         Stage("bench_cross_entropy", "cross-entropy at V = 512 and 50257",
               ("{python}", str(BENCH / "bench_cross_entropy.py"), "--vocabs", "512", "50257",
@@ -364,7 +367,7 @@ def gpu_stages() -> list[Stage]:
         *sanitizer,
         # --full only
         Stage("gpu_tests_full", "every GPU test (pytest -m gpu)",
-              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+              ("{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *ONE_PROCESS,
                "-m", "gpu", "tests"), expected_s=300, minimum_s=60, share_s=600, full_only=True),
         *(Stage(f"{script}_full", f"{script}.py, every shape it has",
                 ("{python}", str(BENCH / f"{script}.py"), "--out", "{result}"),

@@ -373,3 +373,18 @@ def test_the_commit_comes_from_git_or_where_there_is_none_from_gpu_check_commit(
                                      "no git there)")
     assert report._commit({"commit": "fedcba9876543210", "dirty": True}) == (
         "commit `fedcba987654` (with uncommitted changes)")
+
+
+def test_gpu_test_stages_run_in_one_process_with_pyproject_s_other_pytest_options():
+    """The GPU machine may lack pytest-xdist: its pytest stages replace pyproject's addopts
+    by the same options less xdist's (-n N, --dist MODE)."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(gpu_check.ROOT) / "pyproject.toml").read_text())
+    addopts = pyproject["tool"]["pytest"]["ini_options"]["addopts"].split()
+    xdist = {i for i, word in enumerate(addopts) if word in ("-n", "--dist")}
+    kept = [w for i, w in enumerate(addopts) if i not in xdist and i - 1 not in xdist]
+    assert gpu_check.ONE_PROCESS == ("-o", "addopts=" + " ".join(kept))
+    pytest_stages = [s for s in gpu_check.gpu_stages() if "pytest" in s.command]
+    assert len(pytest_stages) == 2
+    assert all("-n" not in s.command and "-o" in s.command for s in pytest_stages)
