@@ -62,7 +62,8 @@ def corpus_file(tmp_path, real_text) -> Path:
 BUILD_CACHE = Path(os.environ.get("FASTGPT_TEST_BUILD_CACHE")
                    or Path.home() / ".cache" / "fastgpt-tests")
 TESTS = Path(__file__).resolve().parent
-CSRC = TESTS.parent / "csrc"
+ROOT = TESTS.parent
+CSRC = ROOT / "csrc"
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
@@ -96,8 +97,10 @@ def cached_build(name: str, files: list[Path], *settings: str):
     for part in (torch.__version__, torch.version.git_version, sys.version,
                  version_of(os.environ.get("CXX", "c++")), *settings):
         key.update(part.encode() + b"\0")
-    for path in files:
-        key.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in files:  # named from the checkout's root: every clone shares the build
+        name = path.resolve()
+        name = name.relative_to(ROOT) if name.is_relative_to(ROOT) else name
+        key.update(str(name).encode() + b"\0" + path.read_bytes() + b"\0")
     directory = BUILD_CACHE / f"{name}-{key.hexdigest()[:16]}"
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{directory}.lock"):
