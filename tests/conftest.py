@@ -98,9 +98,9 @@ def cached_build(name: str, files: list[Path], *settings: str):
                  version_of(os.environ.get("CXX", "c++")), *settings):
         key.update(part.encode() + b"\0")
     for path in files:  # named from the checkout's root: every clone shares the build
-        name = path.resolve()
-        name = name.relative_to(ROOT) if name.is_relative_to(ROOT) else name
-        key.update(str(name).encode() + b"\0" + path.read_bytes() + b"\0")
+        where = path.resolve()
+        where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+        key.update(str(where).encode() + b"\0" + path.read_bytes() + b"\0")
     directory = BUILD_CACHE / f"{name}-{key.hexdigest()[:16]}"
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{directory}.lock"):
