@@ -176,6 +176,15 @@ def kernels_on_cpu():
     return build_on_cpu("kernels_on_cpu")
 
 
+@pytest.fixture(scope="session")
+def triton_cache() -> Path:
+    """Triton's cache for the kernels compiled ahead of time (test_kernel_report.py), kept
+    per machine as the builds are: Triton keys each entry by the kernel's source, its
+    specialization, the target and Triton's own version, so that a changed kernel compiles
+    anew (30 s on the 2-core machine) and an unchanged one is read back."""
+    return BUILD_CACHE / "triton"
+
+
 @dataclasses.dataclass(frozen=True)
 class CudaBuild:
     """fastgpt._C built with its CUDA kernels by nvcc (see the cuda_build fixture)."""

@@ -44,11 +44,12 @@ def tools():
 
 
 @pytest.fixture(scope="module")
-def triton_records(tmp_path_factory):
+def triton_records(tmp_path_factory, triton_cache):
     """Every self-check launch compiled for sm_90 and sm_80, in a process without the
-    interpreter, with a Triton cache of its own (a cold compile, as in CI)."""
+    interpreter, with the tests' Triton cache (conftest.py: a kernel changed since the last
+    run compiles anew)."""
     work = tmp_path_factory.mktemp("triton_aot")
-    return triton_aot.compile_in_subprocess(work / "cubins", ARCHS, cache_dir=work / "cache")
+    return triton_aot.compile_in_subprocess(work / "cubins", ARCHS, cache_dir=triton_cache)
 
 
 @pytest.fixture(scope="module")
