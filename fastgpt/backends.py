@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastgpt import FastGPTError
 
-BACKENDS = ("auto", "reference", "fused")
+BACKENDS = ("auto", "reference", "torch", "fused")
 
 # op name -> what its fused kernel is
 KERNELS = {
@@ -16,8 +16,17 @@ KERNELS = {
 }
 
 
+# op name -> PyTorch's own op that backend "torch" runs
+TORCH_OPS = {
+    "cross_entropy": "F.cross_entropy",
+    "adamw": "torch._fused_adamw_ (torch's fused AdamW)",
+    "causal_attention": "F.scaled_dot_product_attention(is_causal=True)",
+    "linear_cross_entropy": "F.linear then F.cross_entropy",
+}
+
+
 class BackendUnavailable(FastGPTError):
-    """backend="fused" was asked for an op whose kernel cannot run here."""
+    """backend="fused" (or "torch") was asked for an op that cannot run here."""
 
 
 class UnknownBackend(FastGPTError, ValueError):
@@ -31,7 +40,7 @@ def check_backend(backend: str, source: str = "backend") -> str:
 
 
 def parse_backend(spec: str, source: str = "backend") -> dict[str, str]:
-    """{op: backend} for every op from "auto" | "reference" | "fused" (all ops) or
+    """{op: backend} for every op from "auto" | "reference" | "torch" | "fused" (all ops) or
     "op=backend,op=backend" (the ops not named: "auto")."""
     if "=" not in spec:
         return dict.fromkeys(KERNELS, check_backend(spec.strip(), source))

@@ -246,11 +246,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device     cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
         print(f"device     cpu ({torch.get_num_threads()} threads); no CUDA GPU visible")
-    print("kernels (fused backend; the reference backend is always available):")
+    print("ops (backend fused: fastgpt's kernels; torch: PyTorch's own ops; the reference "
+          "is always available):")
     available = ops.available()
-    width = max(map(len, available))
+    width = max(map(len, available)) + len(" fused")
     for op, (ok, why) in available.items():
-        print(f"  {op:<{width}} {'available' if ok else 'unavailable'}: {why}")
+        for impl, (runs, what) in (("fused", (ok, why)), ("torch", ops.torch_status(op))):
+            print(f"  {op + ' ' + impl:<{width}} {'available' if runs else 'unavailable'}: {what}")
     return 0
 
 

@@ -149,8 +149,8 @@ FIELD_HELP = {
     "eval_batches": "batches of each split per eval (at most)",
     "log_interval": "steps between train-loss records in metrics.jsonl",
     "patience": "stop after this many evals without a better val loss (0: off)",
-    "backend": "auto | reference | fused for every op, or per op: "
-               "linear_cross_entropy=fused,adamw=reference (others auto); empty: "
+    "backend": "auto | reference | torch | fused for every op, or per op: "
+               "linear_cross_entropy=fused,adamw=torch (others auto); empty: "
                "$FASTGPT_BACKEND, else auto",
     "dist_timeout": "under torchrun: seconds a rank waits for the others in a collective "
                     "before the run stops with an error",

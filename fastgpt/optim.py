@@ -1,5 +1,6 @@
-"""AdamW with torch.optim.AdamW's maths and state layout, written out; the fused CUDA step
-(csrc/adamw.cu) runs the same update for CUDA parameters when it is available.
+"""AdamW with torch.optim.AdamW's maths and state layout; each step is one
+fastgpt.ops.adamw_step per parameter group and device: the reference (the maths written
+out), torch's fused AdamW or the fused CUDA step (csrc/adamw.cu), as the backend says.
 
 Per parameter p with gradient g, at step t (counting from 1):
     p <- p * (1 - lr * weight_decay)                 decoupled weight decay
@@ -10,11 +11,19 @@ Per parameter p with gradient g, at step t (counting from 1):
 State per parameter: "step" (a float32 CPU scalar tensor, never on the GPU, so a state_dict
 loads anywhere), "exp_avg", "exp_avg_sq" (float32, also for bf16/fp16 parameters), so a
 state_dict moves between this optimizer and torch.optim.AdamW, between backends and
-between devices.
+between devices. The step is counted once per parameter group and device, not per
+parameter (the parameters of a group-device share one "step" tensor; state_dict() gives
+each its own copy): a step's host work is a few list comprehensions per group, not a loop
+of tensor updates per parameter. So a parameter that sits a step out (no gradient) keeps
+its moments but takes its group's count when it comes back (torch.optim.AdamW counts per
+parameter; the two agree whenever every parameter has a gradient at every step, as in
+training). Loading a state_dict whose parameters of one group-device differ in "step" takes
+their largest.
 
 max_grad_norm clips by the global gradient norm inside the step, as
 torch.nn.utils.clip_grad_norm_ followed by the step would (one reduction; the scale is
-applied inside the update and stays on the device; the .grad tensors are left as they are).
+applied inside the update and stays on the device; the reference and the fused kernel leave
+the .grad tensors as they are, torch's fused AdamW leaves the clipped ones there).
 
 capturable=True (fused backend) keeps each group's step count in device memory and reads
 the learning rate from group["lr"] when it is a tensor, so that a step captured in a CUDA
@@ -26,7 +35,18 @@ from __future__ import annotations
 
 import torch
 
-from fastgpt.ops import reference, resolve_backend
+from fastgpt.ops import adamw_step, resolve_backend
+
+
+class _Batch:
+    """The tensors one adamw_step call takes for a (group, device), cached between steps."""
+
+    def __init__(self, params: list[torch.Tensor], state: dict):
+        self.ids = [id(p) for p in params]
+        self.params = params
+        self.exp_avgs = [state[p]["exp_avg"] for p in params]
+        self.exp_avg_sqs = [state[p]["exp_avg_sq"] for p in params]
+        self.step = state[params[0]]["step"]  # shared by the group-device's parameters
 
 
 class AdamW(torch.optim.Optimizer):
@@ -51,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         self.capturable = capturable
+        self._batches: dict[tuple[int, torch.device], _Batch] = {}
         self._device_steps: dict[tuple[int, torch.device], torch.Tensor] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
@@ -62,67 +83,103 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale = self._clip_scale() if self.max_grad_norm is not None else None
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            if any(p.device != device for p in params):  # rare: one call per device
+                by_device: dict[torch.device, list[torch.Tensor]] = {}
+                for p in params:
+                    by_device.setdefault(p.device, []).append(p)
+            else:
+                by_device = {device: params}
+            for device, on_device in by_device.items():
+                self._step_batch((index, device), on_device, group, grad_scale)
+        return loss
+
+    def _batch(self, key: tuple[int, torch.device], params: list[torch.Tensor]) -> _Batch:
+        batch = self._batches.get(key)
+        if batch is None or batch.ids != [id(p) for p in params]:
+            shared = None if batch is None else batch.step
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                self._init_state(p)
-                self.state[p]["step"] += 1
-            # one fused call per (device, step count): usually a single one per group
-            batches: dict[tuple, list[torch.Tensor]] = {}
+                if self.state[p].get("step") is not None:
+                    shared = self.state[p]["step"] if shared is None else shared
+            shared = torch.tensor(0.0) if shared is None else shared
             for p in params:
-                batches.setdefault((p.device, self.state[p]["step"].item()), []).append(p)
-            devices = [device for device, _ in batches]
-            if self.capturable and len(devices) != len(set(devices)):
-                raise ValueError("capturable=True keeps one step count per group and device, "
-                                 "but this group's parameters have taken different numbers "
-                                 "of steps (some had no gradient): put them in separate groups")
-            for (device, step), batch in batches.items():
-                scale = None if grad_scale is None else grad_scale.to(device)
-                if resolve_backend("adamw", self.backend, device) == "fused":
-                    self._fused_step(batch, group, step, scale)
-                else:
-                    self._reference_step(batch, group, step, scale)
-        return loss
+                self._init_state(p, shared)
+            batch = self._batches[key] = _Batch(params, self.state)
+        return batch
+
+    def _step_batch(self, key: tuple[int, torch.device], params: list[torch.Tensor],
+                    group: dict, grad_scale: torch.Tensor | None) -> None:
+        batch = self._batch(key, params)
+        step = int(batch.step.add_(1).item())  # a CPU tensor: no device sync
+        device = key[1]
+        step_tensor = None
+        if self.capturable:
+            if key in self._device_steps:
+                step_tensor = self._device_steps[key].add_(1)
+            else:  # the first (eager) step creates the device count
+                step_tensor = torch.tensor([step], dtype=torch.float32, device=device)
+                self._device_steps[key] = step_tensor
+        beta1, beta2 = group["betas"]
+        adamw_step(batch.params, [p.grad for p in batch.params], batch.exp_avgs,
+                   batch.exp_avg_sqs, lr=group["lr"], beta1=beta1, beta2=beta2,
+                   eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+                   grad_scale=None if grad_scale is None else grad_scale.to(device),
+                   step_tensor=step_tensor, backend=self.backend)
 
     def state_dict(self) -> dict:
-        for (group_index, _), device_step in self._device_steps.items():
-            for p in self.param_groups[group_index]["params"]:
-                if p in self.state:  # a captured graph advanced the device count only
-                    self.state[p]["step"] = device_step.detach().to("cpu", torch.float32)
-        return super().state_dict()
+        for key, device_step in self._device_steps.items():  # graph replays count there
+            if key in self._batches:
+                self._batches[key].step.copy_(device_step.detach().reshape(()))
+        packed = super().state_dict()
+        for index, state in packed["state"].items():  # a tensor of its own per parameter
+            if "step" in state:
+                packed["state"][index] = {**state, "step": state["step"].clone()}
+        return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, but the moments stay float32 (torch would round them to
         a bf16/fp16 parameter's dtype) and "step" stays a CPU float32 scalar (torch's fused
-        or capturable AdamW saves it on the GPU). After loading, re-capture any CUDA graph."""
+        or capturable AdamW saves it on the GPU), one per group and device (the largest
+        saved). After loading, re-capture any CUDA graph."""
         for group in state_dict["param_groups"]:
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
                     raise ValueError(f"this AdamW has no {flag}; the state_dict uses it")
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
+        self._batches.clear()  # rebuilt at the next step, as are the device counts
+        self._device_steps.clear()
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for p, saved_id in zip(params, saved_ids):
+        params = [(index, p) for index, group in enumerate(self.param_groups)
+                  for p in group["params"]]
+        counts: dict[tuple[int, torch.device], float] = {}
+        for (index, p), saved_id in zip(params, saved_ids):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
             state = self.state[p]
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
-            state["step"] = torch.as_tensor(saved["step"]).detach().to(
-                device="cpu", dtype=torch.float32).reshape(())
-        self._device_steps.clear()  # rebuilt from the loaded CPU counts at the next step
+            step = float(torch.as_tensor(saved["step"]).detach().cpu())
+            counts[(index, p.device)] = max(step, counts.get((index, p.device), 0.0))
+        shared = {key: torch.tensor(count, dtype=torch.float32) for key, count in counts.items()}
+        for index, p in params:
+            if (index, p.device) in shared and self.state[p]:
+                self.state[p]["step"] = shared[(index, p.device)]
 
-    def _init_state(self, p: torch.Tensor) -> None:
+    def _init_state(self, p: torch.Tensor, step: torch.Tensor) -> None:
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
                                                 memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                    memory_format=torch.contiguous_format)
+        state["step"] = step
         for key in ("exp_avg", "exp_avg_sq"):  # e.g. a torch.optim.AdamW state for bf16 params
             if state[key].dtype != torch.float32:
                 state[key] = state[key].float()
@@ -146,36 +203,6 @@ class AdamW(torch.optim.Optimizer):
                  for norm in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
         total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(torch.float32)
-
-    def _reference_step(self, params: list[torch.Tensor], group: dict, step: float,
-                        grad_scale: torch.Tensor | None) -> None:
-        beta1, beta2 = group["betas"]
-        reference.adamw_step(
-            params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params], lr=float(group["lr"]),
-            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            step=step, grad_scale=grad_scale)
-
-    def _fused_step(self, params: list[torch.Tensor], group: dict, step: float,
-                    grad_scale: torch.Tensor | None) -> None:
-        beta1, beta2 = group["betas"]
-        lr, lr_tensor, step_tensor = group["lr"], None, None
-        if isinstance(lr, torch.Tensor):
-            lr_tensor, lr = lr.to(params[0].device, torch.float32).reshape(1), float("nan")
-        if self.capturable:
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            key = (index, params[0].device)
-            if key in self._device_steps:
-                step_tensor = self._device_steps[key].add_(1)
-            else:  # the first (eager) step creates the device count
-                step_tensor = torch.tensor([step], dtype=torch.float32, device=params[0].device)
-                self._device_steps[key] = step_tensor
-        torch.ops.fastgpt.adamw_step(
-            params, [p.grad.contiguous() for p in params],
-            [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params],
-            lr, beta1, beta2, group["eps"], group["weight_decay"], int(step), grad_scale,
-            lr_tensor, step_tensor)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,

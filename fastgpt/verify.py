@@ -1,12 +1,14 @@
-"""`fastgpt verify`: the reference path against the fused path on identical inputs, for every
-op whose kernel can run on this machine, and for a whole training step of a small GPT.
+"""`fastgpt verify`: the reference path against the fused path and against PyTorch's own ops
+(backend "torch") on identical inputs, for every op that can run on this machine, and for a
+whole training step of a small GPT.
 
 On a CPU the Triton kernel runs through Triton's interpreter (this module switches it on
 before the kernels are imported); on a GPU everything runs natively. Prints one table row
 per comparison and returns non-zero if any row fails.
 
 Tolerances (the `tol` column, an absolute bound on the max error), from the functions
-below, which the tests use too:
+below, which the tests use too; the torch rows take the fused rows' (the `impl` column says
+which implementation a row judges; torch's fused AdamW takes fp32 parameters only):
 - values computed in fp32 (any loss, fp32 gradients): 1e-6 of the largest magnitude
   compared, against fp64 (both paths accumulate in fp32, in different orders);
 - bf16/fp16 gradients: FlashAttention's rule, the fused error against fp64 at most twice
@@ -69,6 +71,7 @@ def twice_torchs_error(theirs: torch.Tensor, want: torch.Tensor, dtype: torch.dt
 @dataclass
 class Row:
     op: str
+    impl: str
     dtype: str
     shape: str
     max_abs: float
@@ -80,8 +83,8 @@ class Row:
         return self.max_abs <= self.tol  # nan fails
 
 
-def _row(op: str, dtype: torch.dtype, shape, got: torch.Tensor, want: torch.Tensor,
-         tol: float) -> Row:
+def _row(op: str, impl: str, dtype: torch.dtype, shape, got: torch.Tensor,
+         want: torch.Tensor, tol: float) -> Row:
     got, want = got.detach().double(), want.detach().double()
     if torch.equal(torch.isnan(got), torch.isnan(want)):
         finite = ~torch.isnan(want)
@@ -90,11 +93,11 @@ def _row(op: str, dtype: torch.dtype, shape, got: torch.Tensor, want: torch.Tens
     else:
         error = float("nan")
     scale = want.abs().max().item() if want.numel() else 0.0
-    return Row(op, str(dtype).replace("torch.", ""), "x".join(map(str, shape)), error,
+    return Row(op, impl, str(dtype).replace("torch.", ""), "x".join(map(str, shape)), error,
                error / scale if scale else error, tol)
 
 
-def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
+def _cross_entropy_rows(device: torch.device, interpreting: bool, impl: str) -> list[Row]:
     from fastgpt import ops
 
     shapes = ([(8192, 512), (4096, 32768), (512, 131072)] if device.type == "cuda"
@@ -111,21 +114,21 @@ def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
                            else torch.rand(n if reduction == "none" else (),
                                            generator=generator) + 0.5).to(device)
             results = {}
-            for path, x in (("torch", logits), ("fused", logits), ("exact", logits.double())):
+            for path, x in (("own", logits), (impl, logits), ("exact", logits.double())):
                 x = x.clone().requires_grad_()
                 kwargs = dict(reduction=reduction, ignore_index=ignore, label_smoothing=smoothing)
-                if path == "torch":  # PyTorch's own computation in this dtype
+                if path == "own":  # PyTorch's own computation in this dtype
                     loss = torch.nn.functional.cross_entropy(x, targets, **kwargs)
                 else:
                     loss = ops.cross_entropy(x, targets, **kwargs,
-                                             backend="fused" if path == "fused" else "reference")
+                                             backend="reference" if path == "exact" else path)
                 loss.backward(grad_output.to(loss.dtype))
                 results[path] = (loss.detach().double(), x.grad.double())
             label = f"{reduction}, ls {smoothing}"
-            fused, exact = results["fused"][0], results["exact"][0]
-            rows.append(_row(f"ce loss ({label})", dtype, (n, v), fused, exact,
-                             FP32_RELATIVE * exact.abs().max().item()))
-            fused, ref, exact = results["fused"][1], results["torch"][1], results["exact"][1]
+            fused, exact = results[impl][0], results["exact"][0]
+            tol = FP32_RELATIVE * exact.abs().max().item()
+            rows.append(_row(f"ce loss ({label})", impl, dtype, (n, v), fused, exact, tol))
+            fused, ref, exact = results[impl][1], results["own"][1], results["exact"][1]
             scale = exact.abs().max().item()
             if dtype == torch.float32:
                 tol = FP32_RELATIVE * scale
@@ -133,11 +136,12 @@ def _cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
                 roundings = 2 if reduction == "sum" else 1
                 tol = (2 * (ref - exact).abs().max().item()
                        + rounding_bound(dtype, roundings, interpreting) * scale)
-            rows.append(_row(f"ce grad ({label})", dtype, (n, v), fused, exact, tol))
+            rows.append(_row(f"ce grad ({label})", impl, dtype, (n, v), fused, exact, tol))
     return rows
 
 
-def _linear_cross_entropy_rows(device: torch.device, interpreting: bool) -> list[Row]:
+def _linear_cross_entropy_rows(device: torch.device, interpreting: bool,
+                               impl: str) -> list[Row]:
     """The fused linear + cross-entropy's loss and three gradients against the fp64
     composition, by twice_torchs_error (torch's own F.linear + F.cross_entropy in that
     dtype): fp32 and bf16, each reduction, with and without bias, GPT-2's vocabulary."""
@@ -161,45 +165,46 @@ def _linear_cross_entropy_rows(device: torch.device, interpreting: bool) -> list
                            else torch.rand(n if reduction == "none" else (),
                                            generator=generator) + 0.5).to(device)
             results = {}
-            for path, cast in (("torch", dtype), ("fused", dtype), ("exact", torch.float64)):
+            for path, cast in (("own", dtype), (impl, dtype), ("exact", torch.float64)):
                 leaves = [t.to(dtype).to(device=device, dtype=cast).requires_grad_()
                           for t in inputs]
                 bias = leaves[2] if with_bias else None
                 kwargs = dict(reduction=reduction, label_smoothing=smoothing)
-                if path == "torch":  # PyTorch's own computation in this dtype
+                if path == "own":  # PyTorch's own computation in this dtype
                     loss = torch.nn.functional.cross_entropy(
                         torch.nn.functional.linear(leaves[0], leaves[1], bias), targets, **kwargs)
                 else:
                     loss = ops.linear_cross_entropy(
                         leaves[0], leaves[1], targets, bias, **kwargs,
-                        backend="fused" if path == "fused" else "reference")
+                        backend="reference" if path == "exact" else path)
                 grads = torch.autograd.grad(loss, leaves, grad_output.to(loss.dtype))
                 results[path] = [loss.detach(), *grads]
             label = f"{reduction}, ls {smoothing}" + (", bias" if with_bias else "")
             names = ("loss", "grad hidden", "grad weight", "grad bias")
             for i, name in enumerate(names[:len(results["exact"])]):
                 rescaled = reduction == "sum" and name != "loss"  # a grad_output other than 1
-                tol = twice_torchs_error(results["torch"][i], results["exact"][i], dtype,
+                tol = twice_torchs_error(results["own"][i], results["exact"][i], dtype,
                                          int(rescaled), interpreting)
-                rows.append(_row(f"lce {name} ({label})", dtype, (n, d, v), results["fused"][i],
-                                 results["exact"][i], tol))
+                rows.append(_row(f"lce {name} ({label})", impl, dtype, (n, d, v),
+                                 results[impl][i], results["exact"][i], tol))
     return rows
 
 
-def _adamw_rows(device: torch.device) -> list[Row]:
-    """Parameters after 5 steps with identical gradients: the fused step against the
-    reference, fp32 and bf16 parameters, sizes that leave partial chunks and odd tails."""
+def _adamw_rows(device: torch.device, impl: str) -> list[Row]:
+    """Parameters after 5 steps with identical gradients: the fused (or torch's) step against
+    the reference, fp32 and bf16 parameters (torch's: fp32), sizes that leave partial chunks
+    and odd tails."""
     from fastgpt.optim import AdamW
 
     steps = 5
     sizes = [1, 7, 1000, 65537, 3 * 65536 + 5] if device.type == "cuda" else [1, 7, 1000, 4099]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32,) if impl == "torch" else (torch.float32, torch.bfloat16):
         generator = torch.Generator().manual_seed(0)
         start = [torch.randn(n, generator=generator) for n in sizes]
         grads = [[torch.randn(n, generator=generator) for n in sizes] for _ in range(steps)]
         results = {}
-        for backend in ("reference", "fused"):
+        for backend in ("reference", impl):
             params = [torch.nn.Parameter(p.to(device=device, dtype=dtype, copy=True))
                       for p in start]
             optimizer = AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=5.0,
@@ -209,38 +214,49 @@ def _adamw_rows(device: torch.device) -> list[Row]:
                     p.grad = g.to(device=device, dtype=dtype)
                 optimizer.step()
             results[backend] = torch.cat([p.detach().flatten() for p in params])
-        want, got = results["reference"].double(), results["fused"].double()
+        want, got = results["reference"].double(), results[impl].double()
         scale = want.abs().max().item()
         # fp32: the same operations, fused multiply-adds rounding differently; bf16: the
         # same fp32 maths rounded to bf16 once a step, a value near a rounding boundary
         # may land one ulp apart
         tol = (FP32_RELATIVE * scale if dtype == torch.float32
                else rounding_bound(dtype, 2, False) * scale)
-        rows.append(_row(f"adamw params after {steps}", dtype, [sum(sizes)], got, want, tol))
+        rows.append(_row(f"adamw params after {steps}", impl, dtype, [sum(sizes)], got, want,
+                         tol))
     return rows
 
 
-def _attention_rows(device: torch.device) -> list[Row]:
+def _attention_rows(device: torch.device, impl: str) -> list[Row]:
     """The attention kernels' out, dq, dk, dv against the float64 reference at the seed's
-    shape (B=8, H=6, T=256, D=64) and a long odd one, with dropout (the kernels' own mask):
-    bounds from cuda_attention.errors_against_fp64 (FlashAttention's rule: twice torch's own
-    error in the precision the kernel computes in, plus a floor; its docstring gives each)."""
+    shape (B=8, H=6, T=256, D=64) and a long odd one (on a GPU), with dropout (the kernels'
+    own mask); torch's SDPA without dropout (its mask is its own): bounds from
+    cuda_attention.errors_against_fp64 (FlashAttention's rule: twice the reference's own
+    error in the precision computed in, plus a floor; its docstring gives each)."""
+    from fastgpt import ops
     from fastgpt.ops.cuda_attention import errors_against_fp64
 
     rows = []
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for B, H, T, D in ((8, 6, 256, 64), (1, 4, 1000, 128)):
+        shapes = ((8, 6, 256, 64), (1, 4, 1000, 128))[:2 if device.type == "cuda" else 1]
+        for B, H, T, D in shapes:
             q, k, v, grad_out = (torch.randn(B, H, T, D, generator=generator).to(device, dtype)
                                  for _ in range(4))
-            errors = errors_against_fp64(q, k, v, grad_out, D ** -0.5, 0.1, seed=1, offset=0)
+            if impl == "torch":
+                errors = errors_against_fp64(q, k, v, grad_out, D ** -0.5, attend=lambda *qkv: (
+                    ops.causal_attention(*qkv, backend="torch")))
+                label = "(no dropout)"
+            else:
+                errors = errors_against_fp64(q, k, v, grad_out, D ** -0.5, 0.1, seed=1, offset=0)
+                label = "(dropout 0.1)"
             for name, c in errors.items():
-                rows.append(Row(f"attention {name} (dropout 0.1)", str(dtype).replace("torch.", ""),
-                                f"{B}x{H}x{T}x{D}", c.error, c.error / c.largest, c.bound))
+                rows.append(Row(f"attention {name} {label}", impl,
+                                str(dtype).replace("torch.", ""), f"{B}x{H}x{T}x{D}", c.error,
+                                c.error / c.largest, c.bound))
     return rows
 
 
-def _training_step_rows(device: torch.device) -> list[Row]:
+def _training_step_rows(device: torch.device, impl: str) -> list[Row]:
     from fastgpt import ops
     from fastgpt.model import GPT
     from fastgpt.optim import AdamW, param_groups
@@ -253,11 +269,10 @@ def _training_step_rows(device: torch.device) -> list[Row]:
     idx = torch.randint(0, 512, batch, generator=generator).to(device)
     targets = torch.randint(0, 512, batch, generator=generator).to(device)
     runs = {}
-    for path in ("reference", "fused"):
+    for path in ("reference", impl):
         torch.manual_seed(0)
         # the fused run takes every kernel that can run here, the reference the rest
-        previous = ops.set_backend("reference" if path == "reference"
-                                   else ops.fused_where_available())
+        previous = ops.set_backend(ops.fused_where_available() if path == "fused" else path)
         model = GPT(**sizes).to(device)
         optimizer = AdamW(param_groups(model, 0.01), lr=lr)
         first = None
@@ -270,15 +285,15 @@ def _training_step_rows(device: torch.device) -> list[Row]:
             optimizer.zero_grad(set_to_none=True)
         ops.set_backend(previous)
         runs[path] = (*first, dict(model.named_parameters()))
-    (ref_loss, ref_grads, ref_params), (loss, grads, params) = runs["reference"], runs["fused"]
+    (ref_loss, ref_grads, ref_params), (loss, grads, params) = runs["reference"], runs[impl]
     shape = f"gpt {batch[0]}x{batch[1]}"
-    rows = [_row("train step loss", torch.float32, [shape], loss, ref_loss,
+    rows = [_row("train step loss", impl, torch.float32, [shape], loss, ref_loss,
                  1e-6 * ref_loss.abs().item())]
-    worst_grad = max((_row("train step grads", torch.float32, [shape], grads[n], g,
+    worst_grad = max((_row("train step grads", impl, torch.float32, [shape], grads[n], g,
                            1e-5 * g.abs().max().item()) for n, g in ref_grads.items()),
                      key=lambda r: r.max_abs / r.tol if r.tol else float("inf"))
     rows.append(worst_grad)
-    rows.append(_row(f"params after {steps} steps", torch.float32, [shape],
+    rows.append(_row(f"params after {steps} steps", impl, torch.float32, [shape],
                      torch.cat([params[n].flatten() for n in ref_params]),
                      torch.cat([p.flatten() for p in ref_params.values()]), 1e-2 * lr * steps))
     return rows
@@ -295,27 +310,30 @@ def verify(print_fn=print) -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print_fn(f"fastgpt verify on {name}"
              + (" (Triton kernels through the interpreter)" if interpreting else ""))
-    available = ops.available()
-    skipped = [f"{op}: {why}" for op, (ok, why) in available.items() if not ok]
+    can_run = {"fused": ops.available(), "torch": {op: ops.torch_status(op) for op in ops.KERNELS}}
+    skipped = [f"{impl} {op}: {why}" for impl, table in can_run.items()
+               for op, (ok, why) in table.items() if not ok]
     rows: list[Row] = []
-    if available["cross_entropy"][0]:
-        rows += _cross_entropy_rows(device, interpreting)
-    if available["linear_cross_entropy"][0]:
-        rows += _linear_cross_entropy_rows(device, interpreting)
-    if available["adamw"][0]:
-        rows += _adamw_rows(device)
-    if available["causal_attention"][0]:
-        rows += _attention_rows(device)
-    if any(ok for ok, _ in available.values()):
-        rows += _training_step_rows(device)
+    for impl in ("fused", "torch"):
+        available = can_run[impl]
+        if available["cross_entropy"][0]:
+            rows += _cross_entropy_rows(device, interpreting, impl)
+        if available["linear_cross_entropy"][0]:
+            rows += _linear_cross_entropy_rows(device, interpreting, impl)
+        if available["adamw"][0]:
+            rows += _adamw_rows(device, impl)
+        if available["causal_attention"][0]:
+            rows += _attention_rows(device, impl)
+        if any(ok for ok, _ in available.values()):
+            rows += _training_step_rows(device, impl)
 
-    header = (f"{'op':<36} {'dtype':<9} {'shape':<13} {'max abs err':>11} {'max rel err':>11} "
-              f"{'tol':>9}  result")
+    header = (f"{'op':<36} {'impl':<5} {'dtype':<9} {'shape':<13} {'max abs err':>11} "
+              f"{'max rel err':>11} {'tol':>9}  result")
     print_fn(header)
     print_fn("-" * len(header))
     for r in rows:
-        print_fn(f"{r.op:<36} {r.dtype:<9} {r.shape:<13} {r.max_abs:>11.3e} {r.max_rel:>11.3e} "
-                 f"{r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
+        print_fn(f"{r.op:<36} {r.impl:<5} {r.dtype:<9} {r.shape:<13} {r.max_abs:>11.3e} "
+                 f"{r.max_rel:>11.3e} {r.tol:>9.2e}  {'PASS' if r.passed else 'FAIL'}")
     for line in skipped:
         print_fn(f"not verified here: {line}")
     failed = sum(not r.passed for r in rows)

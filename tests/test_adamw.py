@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastgpt import ops
-from fastgpt.ops.adamw import self_check
+from fastgpt.ops.dispatch import adamw_self_check as self_check
 from fastgpt.optim import AdamW
 from helpers import gpu, quick
 
@@ -396,18 +396,28 @@ def _save(state):
     return buffer
 
 
-def test_capturable_refuses_mixed_step_counts_in_a_group(cpu_build):
-    params = make_params()
+def test_capturable_counts_per_group_when_a_param_sits_out(cpu_build):
+    """One device step count per group and device: a parameter that sits a step out takes
+    the group's count when it comes back (as on the reference path), and the state_dict
+    says so for every parameter."""
+    params, plain = make_params(), make_params()
     opt = AdamW(params, lr=1e-3, backend="fused", capturable=True)
-    run_steps([(params, opt)], 1)
-    params[0].grad = None  # params[0] sits this step out: its count falls behind
-    for p in params[1:]:
-        p.grad = torch.ones_like(p)
+    opt_plain = AdamW(plain, lr=1e-3, backend="reference")
+    run_steps([(params, opt), (plain, opt_plain)], 1)
+    for group in (params, plain):
+        group[0].grad = None  # params[0] sits this step out
+        for p in group[1:]:
+            p.grad = torch.ones_like(p)
     opt.step()
-    for p in params:
-        p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match="different numbers of steps"):
-        opt.step()
+    opt_plain.step()
+    for group in (params, plain):
+        for p in group:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    opt_plain.step()
+    assert all(s["step"].item() == 3 for s in opt.state_dict()["state"].values())
+    for p, q in zip(params, plain):
+        assert_close_rel(p.detach(), q.detach())
 
 
 @gpu

@@ -327,3 +327,6 @@ def test_info_on_a_cpu_says_verify_runs_the_triton_kernel_through_the_interprete
     assert "unavailable" in line and "needs a CUDA GPU to train with it" in line
     assert "`fastgpt verify` runs it here through Triton's interpreter" in line
     assert "TRITON_INTERPRET=1" in line
+    for op in ("cross_entropy", "adamw", "causal_attention", "linear_cross_entropy"):
+        assert any(line.split()[:3] == [op, "torch", "available:"]
+                   for line in result.stdout.splitlines()), op

@@ -54,8 +54,9 @@ def test_the_fused_attention_traces_through_its_fakes(cpu_extension, monkeypatch
     # dropout's seed drawn inside the graph. The graph is captured, never run.
     from fastgpt.ops import cuda_attention
     from torch._dynamo.backends.common import aot_autograd
-    chosen = ops.resolve_backend
-    monkeypatch.setattr(ops, "resolve_backend", lambda op, backend, device=None: (
+    from fastgpt.ops import dispatch
+    chosen = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda op, backend, device=None: (
         "fused" if op == "causal_attention" else chosen(op, backend, device)))
     monkeypatch.setattr(cuda_attention, "unsupported", lambda q, k, v: None)
     graphs = []

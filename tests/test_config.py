@@ -61,7 +61,7 @@ def test_parse_value_errors(field, text, message):
     ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
     ({"min_lr": float("nan")}, "min_lr must be a finite number >= 0"),
     ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
-    ({"backend": "cuda"}, "backend must be one of auto, reference, fused"),
+    ({"backend": "cuda"}, "backend must be one of auto, reference, torch, fused"),
     ({"backend": "attention=fused"}, "unknown op .attention."),
     ({"backend": "adamw=fast"}, "backend for adamw must be one of"),
     ({"name": "a/b"}, "plain directory name"),

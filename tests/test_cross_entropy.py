@@ -382,11 +382,12 @@ def test_a_per_op_default_backend(monkeypatch):
 
 
 def test_fused_where_available_names_the_kernels_that_run_here(monkeypatch):
-    monkeypatch.setattr(ops, "available", lambda: {
+    monkeypatch.setattr(ops.dispatch, "available", lambda: {
         "cross_entropy": (True, ""), "adamw": (False, "no"), "causal_attention": (False, "")})
     assert ops.fused_where_available() == "cross_entropy=fused"
     assert ops.parse_backend(ops.fused_where_available())["adamw"] == "auto"
-    monkeypatch.setattr(ops, "available", lambda: dict.fromkeys(ops.KERNELS, (False, "")))
+    monkeypatch.setattr(ops.dispatch, "available",
+                        lambda: dict.fromkeys(ops.KERNELS, (False, "")))
     assert ops.fused_where_available() == "reference"
 
 

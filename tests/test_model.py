@@ -218,7 +218,7 @@ def test_the_loss_goes_through_the_backend_asked_for(monkeypatch):
     assert (losses["auto"].grad_fn.name() == kernel) == (device == "cuda")
     # where no kernel can run, asking for one is a clear error (the kernel's own tests are
     # in test_linear_cross_entropy.py)
-    monkeypatch.setattr(ops, "status", lambda op: (False, "not here"))
+    monkeypatch.setattr(ops.dispatch, "status", lambda op: (False, "not here"))
     with pytest.raises(ops.BackendUnavailable, match="not here"):
         model.loss(x, y, backend="fused")
 

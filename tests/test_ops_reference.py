@@ -528,6 +528,90 @@ def test_fused_backend(op):
     assert op in message and why in message
 
 
+def _value_and_grads(op, backend, dtype=torch.float64):
+    """The op's output and the gradients of (output * fixed weights).sum() for its inputs."""
+    generator = torch.Generator().manual_seed(11)
+    if op == "cross_entropy":
+        logits, targets = make_ce_inputs(6, 9, dtype)
+        targets[2] = -100
+        inputs = [logits.requires_grad_()]
+        out = ops.cross_entropy(logits, targets, reduction="none", label_smoothing=0.1,
+                                backend=backend)
+    elif op == "linear_cross_entropy":
+        hidden, weight, targets = _linear_ce_inputs(dtype)
+        bias = torch.randn(7, generator=generator).to(dtype)
+        inputs = [t.requires_grad_() for t in (hidden, weight, bias)]
+        out = ops.linear_cross_entropy(*inputs[:2], targets, inputs[2], reduction="sum",
+                                       ignore_index=3, backend=backend)
+    else:
+        inputs = [t.requires_grad_() for t in attention_inputs(2, 3, 11, 8, dtype)]
+        out = ops.causal_attention(*inputs, scale=0.3, backend=backend)
+    weights = torch.rand(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "causal_attention", "linear_cross_entropy"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_matches_the_reference(op, dtype):
+    """PyTorch's own op (SDPA, F.cross_entropy, F.linear + F.cross_entropy) with every
+    argument passed through (reduction, ignore_index, label smoothing, bias, scale): value
+    and gradients equal the reference's to the dtype's rounding (fp64 1e-12 relative; fp32
+    1e-6: both sum in fp32, in different orders)."""
+    rel = REL_CE[dtype]
+    got, want = _value_and_grads(op, "torch", dtype), _value_and_grads(op, "reference", dtype)
+    assert got[0].dtype == want[0].dtype
+    for mine, theirs in zip(got, want):
+        assert_close_rel(mine.double(), theirs.double(), rel)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_backend_returns_a_bf16_loss_in_fp32(op):
+    loss = _call(op, "torch", torch.bfloat16)
+    assert loss.dtype == torch.float32
+    assert_close_rel(loss.double(), _reference(op, torch.bfloat16).double(), 1e-6)
+
+
+def test_torch_backend_runs_sdpa(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    q, k, v = attention_inputs(1, 2, 5, 8, torch.float32)
+    ops.causal_attention(q, k, v, dropout_p=0.25, backend="torch")
+    assert calls == [dict(dropout_p=0.25, is_causal=True, scale=None)]
+
+
+def _adamw_case(backend, dtype=torch.float32, grad_scale=None, steps=3):
+    generator = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=generator).to(dtype) for n in (1, 7, 300)]
+    moments = [[torch.zeros(p.shape) for p in params] for _ in range(2)]
+    grads = [[torch.randn(p.shape, generator=generator).to(dtype) for p in params]
+             for _ in range(steps)]
+    for step, step_grads in enumerate(grads, 1):
+        ops.adamw_step(params, [g.clone() for g in step_grads], *moments, lr=1e-2, beta1=0.9,
+                       beta2=0.99, eps=1e-8, weight_decay=0.1, step=step,
+                       grad_scale=grad_scale, backend=backend)
+    return params, moments
+
+
+@pytest.mark.parametrize("grad_scale", [None, torch.tensor(0.25)])
+def test_torch_adamw_step_matches_the_reference(grad_scale):
+    """torch's fused AdamW over fastgpt's state: parameters and both moments after 3 steps,
+    fp32 (~1e-6 relative: the same formula, fused multiply-adds rounding differently; the
+    clipping factor applied as a division by its reciprocal: one more rounding)."""
+    got, want = _adamw_case("torch", grad_scale=grad_scale), _adamw_case(
+        "reference", grad_scale=grad_scale)
+    for mine, theirs in zip([*got[0], *got[1][0], *got[1][1]],
+                            [*want[0], *want[1][0], *want[1][1]]):
+        assert_close_rel(mine.double(), theirs.double(), 2e-6)
+
+
+def test_torch_adamw_takes_fp32_parameters_only():
+    with pytest.raises(ValueError, match="takes float32 parameters only"):
+        _adamw_case("torch", torch.bfloat16, steps=1)
+
+
 @pytest.mark.parametrize("op", ["cross_entropy", "causal_attention", "linear_cross_entropy"])
 @pytest.mark.parametrize("backend", ["triton", "", "Reference"])
 def test_unknown_backend(op, backend):
@@ -537,6 +621,7 @@ def test_unknown_backend(op, backend):
 
 def test_resolve_backend():
     assert ops.resolve_backend("adamw", "reference") == "reference"
+    assert ops.resolve_backend("adamw", "torch") == "torch"
     assert ops.resolve_backend("adamw", "auto") in ("reference", "fused")
     with pytest.raises(ValueError):
         ops.resolve_backend("adamw", "cuda")

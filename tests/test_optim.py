@@ -207,6 +207,9 @@ def test_state_dict_through_torch_save_weights_only():
 
 
 def test_params_without_grad_are_skipped():
+    """A parameter without a gradient is not touched; one that sits a step out keeps its
+    moments and, when it comes back, takes its group's step count (one per group and
+    device: fastgpt.optim's docstring); the others step exactly as torch's."""
     ours, opt_ours, theirs, opt_theirs = make_pair()
     gen = torch.Generator().manual_seed(5)
     frozen = ours[1].detach().clone()
@@ -214,17 +217,23 @@ def test_params_without_grad_are_skipped():
         set_grads([ours, theirs], gen)
         ours[1].grad = None
         theirs[1].grad = None
-        if step == 2:  # a param whose grad comes and goes
+        if step == 2:  # a param whose grad comes and goes (group 2, with ours[4])
             ours[3].grad = theirs[3].grad = None
+            sat_out = (ours[3].detach().clone(), opt_ours.state[ours[3]]["exp_avg"].clone())
         opt_ours.step()
         opt_theirs.step()
+        if step == 2:
+            assert torch.equal(ours[3].detach(), sat_out[0])
+            assert torch.equal(opt_ours.state[ours[3]]["exp_avg"], sat_out[1])
     # never had a grad: untouched (not even weight decay), no state
     assert torch.equal(ours[1].detach(), frozen)
     assert ours[1] not in opt_ours.state or not opt_ours.state[ours[1]]
-    assert opt_ours.state[ours[3]]["step"].item() == 3.0
+    assert opt_ours.state[ours[3]]["step"].item() == 4.0  # its group's count
+    assert opt_theirs.state[theirs[3]]["step"].item() == 3.0  # torch's: its own
     assert opt_ours.state[ours[0]]["step"].item() == 4.0
-    for p, q in zip(ours, theirs):
-        assert_same(p.detach(), q.detach())
+    assert not torch.equal(ours[3].detach(), sat_out[0])  # it stepped again at step 3
+    for i in (0, 2, 4):
+        assert_same(ours[i].detach(), theirs[i].detach())
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -35,6 +35,9 @@ def test_verify_passes_and_prints_the_table(capsys):
         assert any(line.startswith("adamw params after 5") and f" {dtype} " in line
                    and line.endswith("PASS") for line in lines), dtype
     assert "train step grads" in out and "params after 3 steps" in out
+    # PyTorch's own ops against the reference, every op (torch's fused AdamW: fp32 only)
+    torch_ops = {line.split()[0] for line in lines if "  torch " in line and line.endswith("PASS")}
+    assert torch_ops == {"ce", "lce", "adamw", "attention", "train", "params"}
     assert "FAIL" not in out and " 0 failed" in out
 
 
@@ -54,3 +57,22 @@ def test_verify_fails_when_the_kernel_is_wrong(capsys, monkeypatch):
     fails = [line for line in out.splitlines() if line.endswith("FAIL")]
     assert any(line.startswith("ce grad (mean") and " float32 " in line for line in fails)
     assert any(line.startswith("train step grads") for line in fails)
+
+
+def test_verify_fails_when_the_torch_path_drops_an_argument(capsys, monkeypatch):
+    """A torch row judges fastgpt's call of PyTorch's op, not PyTorch: label smoothing left
+    out of the call fails the rows that use it, and only those."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+    module = sys.modules["fastgpt.ops.cross_entropy"]
+
+    def without_smoothing(logits, targets, label_smoothing=0.0, **kwargs):
+        return F.cross_entropy(logits, targets, **kwargs)
+
+    monkeypatch.setattr(module, "F", types.SimpleNamespace(cross_entropy=without_smoothing))
+    assert main(["verify"]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert fails and all(line.startswith("ce ") and "ls 0.1" in line and " torch " in line
+                         for line in fails), fails

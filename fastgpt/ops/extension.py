@@ -6,7 +6,8 @@ nvcc are present, else the kernels are unavailable, with the reason. Either way 
 appear under torch.ops.fastgpt.
 
 This module only finds, builds and loads it; each kernel's self-check lives beside its op
-(fastgpt.ops.adamw.self_check, cuda_attention.self_check) and fastgpt.ops.status runs them.
+(fastgpt.ops.dispatch.adamw_self_check, cuda_attention.self_check) and
+fastgpt.ops.dispatch.status runs them.
 
 `build(cuda=False)` compiles the CPU build (bindings and the CPU loops, no nvcc): CI tests
 the kernels' shared arithmetic through it. Only one build can be loaded per process: both

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton losses take
 MAX_BLOCK_V = 4096     # vocab columns per loop iteration (a power of two)
 TILE_ELEMENTS = 4096   # block_rows * block_v for small V: several rows per program
 MAX_BLOCK_ROWS = 32    # keeps enough programs to fill the GPU when V is tiny
