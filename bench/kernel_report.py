@@ -454,15 +454,27 @@ def _kib(n: int) -> str:
     return "0" if n == 0 else f"{n / 1024:.1f} KiB"
 
 
+DEFAULT_SHARED_PER_BLOCK = 48 * 1024  # csrc/attention_common.cuh's kDefaultSharedMemoryPerBlock
+
+
+def _total_smem(k: Kernel) -> str:
+    """Static + dynamic shared memory of a launch, "(opt-in)" past the default 48 KiB: the
+    launch then needs MaxDynamicSharedMemorySize set (the extension's CudaLaunch does it;
+    Triton's launcher does it for its kernels)."""
+    total = k.static_smem + k.dynamic_smem
+    return _kib(total) + (" (opt-in)" if total > DEFAULT_SHARED_PER_BLOCK else "")
+
+
 def resource_table(kernels: list[Kernel], with_origin: bool) -> list[str]:
     head = (["kernel"] + (["launch"] if with_origin else []) +
-            ["regs", "static smem", "dynamic smem", "local (spills)", "threads",
-             "blocks/SM", "occupancy", "limited by"])
+            ["regs", "static smem", "dynamic smem", "static + dynamic", "local (spills)",
+             "threads", "blocks/SM", "occupancy", "limited by"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in kernels:
         o = k.occupancy
         row = ([f"`{k.name}`"] + ([k.origin.removeprefix("triton: ")] if with_origin else []) +
-               [str(k.regs), _kib(k.static_smem), _kib(k.dynamic_smem), str(k.local),
+               [str(k.regs), _kib(k.static_smem), _kib(k.dynamic_smem), _total_smem(k),
+                str(k.local),
                 str(k.threads), str(o.blocks), f"{o.warps}/64 warps = {o.fraction:.0%}",
                 o.limit])
         lines.append("| " + " | ".join(row) + " |")
@@ -500,8 +512,12 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
             "Columns: `regs` registers per thread; `static smem` declared `__shared__` "
             "arrays; `dynamic smem` the launch's dynamic shared memory (csrc/: what the "
             "build's launch code asks for, fastgpt::kernel_launches; Triton: all of its "
-            "shared memory); `local (spills)` local memory per thread in bytes (spills and "
-            "dynamically indexed arrays live there: 0 means none); `threads` per block; "
+            "shared memory); `static + dynamic` their sum, \"(opt-in)\" past the default "
+            "48 KiB per block, where a launch must first allow the dynamic part "
+            "(MaxDynamicSharedMemorySize: the extension's CudaLaunch does it, as Triton's "
+            "launcher does for its kernels); `local (spills)` local memory per thread in "
+            "bytes (spills and dynamically indexed arrays live there: 0 means none); "
+            "`threads` per block; "
             f"occupancy: resident warps per SM of {spec.gpu} by the CUDA occupancy rules "
             f"({spec.regs_per_sm} registers allocated per warp in units of "
             f"{spec.reg_granularity} across {spec.sub_partitions} sub-partitions, "

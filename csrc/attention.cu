@@ -26,24 +26,37 @@ FASTGPT_ATTENTION_HEAD_DIM(extern template, 64)
 FASTGPT_ATTENTION_HEAD_DIM(extern template, 128)
 
 void allow_dynamic_shared_memory(const void* kernel, int device, int bytes) {
+  struct Allowed {
+    int static_bytes = -1;  // cudaFuncGetAttributes' sharedSizeBytes, once asked
+    int dynamic_bytes = 0;  // the largest dynamic size checked (and set, where needed)
+  };
   static std::mutex mutex;
-  static std::map<int, int> available;                      // device -> opt-in maximum
-  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  static std::map<int, int> available;                         // device -> opt-in maximum
+  static std::map<std::pair<const void*, int>, Allowed> kernels;  // (kernel, device)
   const std::lock_guard<std::mutex> lock(mutex);
-  int& allowed_bytes = allowed[{kernel, device}];
-  if (bytes <= allowed_bytes) return;
-  auto found = available.find(device);
-  if (found == available.end()) {
-    int optin = 0;
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    found = available.emplace(device, optin).first;
+  Allowed& allowed = kernels[{kernel, device}];
+  if (bytes <= allowed.dynamic_bytes) return;
+  if (allowed.static_bytes < 0) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    allowed.static_bytes = static_cast<int>(attributes.sharedSizeBytes);
   }
-  TORCH_CHECK(bytes <= found->second, "attention: this head dim needs ", bytes,
-              " bytes of shared memory per block in bf16/fp16; this GPU offers ", found->second,
-              " (use fp32 or the reference backend)");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  allowed_bytes = bytes;
+  const int opt_in = dynamic_shared_memory_opt_in(allowed.static_bytes, bytes);
+  if (opt_in > 0) {
+    auto found = available.find(device);
+    if (found == available.end()) {
+      int optin = 0;
+      C10_CUDA_CHECK(
+          cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      found = available.emplace(device, optin).first;
+    }
+    TORCH_CHECK(allowed.static_bytes + bytes <= found->second, "attention: this head dim needs ",
+                allowed.static_bytes + bytes, " bytes of shared memory per block in bf16/fp16; "
+                "this GPU offers ", found->second, " (use fp32 or the reference backend)");
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in));
+  }
+  allowed.dynamic_bytes = bytes;
 }
 
 namespace {

@@ -1,5 +1,5 @@
 // What the attention kernels of every version share: the dynamic shared memory's
-// declaration and the dropout arguments of one call.
+// declaration, the rule for opting in to more of it, and the dropout arguments of one call.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +11,20 @@
 #endif
 
 namespace fastgpt {
+
+// The shared memory a block may use without opting in, static and dynamic together (every
+// GPU since Volta); past it a launch fails unless the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize allows its dynamic part.
+constexpr int kDefaultSharedMemoryPerBlock = 48 * 1024;
+
+// The cudaFuncAttributeMaxDynamicSharedMemorySize a kernel with `static_bytes` of static
+// shared memory needs for a launch with `dynamic_bytes` of dynamic shared memory; 0 when the
+// default suffices. (On sm_90 ptxas gives every kernel that uses shared memory 1 KiB of
+// static: a 48 KiB dynamic launch is then over the default.)
+inline int dynamic_shared_memory_opt_in(int static_bytes, int dynamic_bytes) {
+  return static_bytes + dynamic_bytes > kDefaultSharedMemoryPerBlock ? dynamic_bytes : 0;
+}
+
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;

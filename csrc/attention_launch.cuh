@@ -12,9 +12,11 @@
 
 namespace fastgpt {
 
-// Lets `kernel` use `bytes` of dynamic shared memory on `device` (past the default 48 KiB),
-// or fails saying the GPU has too little. Queries and sets the attributes once per kernel
-// and device: each costs host time that a launch should not pay every call.
+// Lets `kernel` use `bytes` of dynamic shared memory on `device`: opts in when its static
+// and dynamic shared memory together pass the default 48 KiB (dynamic_shared_memory_opt_in),
+// or fails saying the GPU has too little. Queries the kernel's static size and sets the
+// attribute once per kernel and device: each costs host time that a launch should not pay
+// every call.
 void allow_dynamic_shared_memory(const void* kernel, int device, int bytes);
 
 // kernel<<<grid, threads, shared_bytes>>>(args...) on `device`'s current stream (the
@@ -25,7 +27,7 @@ struct CudaLaunch {
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes,
                   Args... args) const {
-    if (shared_bytes > 48 * 1024) {
+    if (shared_bytes > 0) {
       allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), device, shared_bytes);
     }
     kernel<<<grid, threads, shared_bytes, c10::cuda::getCurrentCUDAStream(device)>>>(args...);

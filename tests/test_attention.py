@@ -472,3 +472,19 @@ def test_tensor_core_kernels_run_on_cpu_match_fp64(kernels_on_cpu, cpu_extension
 def test_the_tensor_core_kernels_shared_memory_is_what_unsupported_checks(kernels_on_cpu):
     from fastgpt.ops.cuda_attention import TENSOR_CORE_D128_SHARED_BYTES
     assert kernels_on_cpu.tensor_core_shared_bytes(128) == TENSOR_CORE_D128_SHARED_BYTES
+
+
+@pytest.mark.parametrize("static_bytes", [0, 1024])
+@pytest.mark.parametrize("dynamic_bytes", [48 * 1024 - 1, 48 * 1024, 48 * 1024 + 1])
+def test_the_launch_opts_in_when_static_and_dynamic_shared_memory_pass_48_kib(
+        kernels_on_cpu, static_bytes, dynamic_bytes):
+    """csrc/attention_common.cuh's rule, which CudaLaunch applies with the kernel's static
+    size from cudaFuncGetAttributes: the driver refuses a block whose static + dynamic
+    shared memory passes 48 KiB unless the kernel's MaxDynamicSharedMemorySize allows the
+    dynamic part (sm_90 adds 1 KiB of static to every kernel with shared memory: the D = 64
+    bf16 forward's 48 KiB launch needs the opt-in there)."""
+    needed = kernels_on_cpu.dynamic_shared_memory_opt_in(static_bytes, dynamic_bytes)
+    over = static_bytes + dynamic_bytes > 48 * 1024
+    assert needed == (dynamic_bytes if over else 0)
+    assert (needed > 0) == ((static_bytes, dynamic_bytes) != (0, 48 * 1024 - 1)
+                            and (static_bytes, dynamic_bytes) != (0, 48 * 1024))

@@ -226,6 +226,13 @@ def test_the_report_renders_every_kernel(extension_kernels, triton_kernels):
         mine = [k for k in extension + triton_kernels if k.arch == arch]
         assert len(rows) == 2 * len(mine)  # a resource row and an instruction-mix row each
         assert f"# What the compiler made: sm_{arch}" in text
+    # sm_90 gives every kernel with shared memory 1 KiB of static: the D = 64 bf16 forward's
+    # 48 KiB of dynamic shared memory is then past the default and needs the opt-in
+    forward = next(k for k in extension if k.arch == 90 and k.dynamic_smem == 48 * 1024)
+    assert forward.static_smem > 0
+    assert kernel_report._total_smem(forward).endswith("(opt-in)")
+    small = next(k for k in extension if 0 < k.static_smem + k.dynamic_smem <= 48 * 1024)
+    assert "opt-in" not in kernel_report._total_smem(small)
 
 
 def test_the_committed_report_lists_every_self_check_launch():

@@ -592,6 +592,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return bytes;
   }, "the most dynamic shared memory a bf16/fp16 attention kernel of head dim D asks for",
         py::arg("D"));
+  m.def("dynamic_shared_memory_opt_in", [](int64_t static_bytes, int64_t dynamic_bytes) {
+    return fastgpt::dynamic_shared_memory_opt_in(static_cast<int>(static_bytes),
+                                                 static_cast<int>(dynamic_bytes));
+  }, "csrc/attention_common.cuh's rule: the MaxDynamicSharedMemorySize a launch needs (0: "
+     "none)", py::arg("static_bytes"), py::arg("dynamic_bytes"));
   m.def("write_one", &write_one, "a kernel writes element index of an n-element buffer");
   m.def("planted", &planted, "runs a planted race (fixed=False) or its fixed twin",
         py::arg("kernel"), py::arg("fixed"), py::arg("blocks") = 1,
