@@ -1,4 +1,4 @@
-"""The `fastgpt` command: prepare, train, sample, verify, info.
+"""The `fastgpt` command: prepare, train, sample, tune, verify, info.
 
 User mistakes end in one line on stderr and a non-zero exit, never a traceback. Parsing
 and validating the config import neither torch nor the other heavy packages (--help and
@@ -213,6 +213,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _importing():
+        from fastgpt import tune
+        from fastgpt.distributed import pick_device
+
+    device = pick_device(config.device)
+    print(f"measuring the ops of a {args.preset} step on {device} (each implementation "
+          f"that can run here: forward + backward, AdamW's step; median of a few calls)")
+    choices = tune.choose_backends(config, device, config.batch_size, print, remeasure=True)
+    if not choices:
+        named = config.backend or os.environ.get("FASTGPT_BACKEND")
+        print(f"nothing to measure: the backend {named!r} names every op's implementation")
+        return 0
+    for line in tune.table(choices):
+        print(line)
+    print(f"saved: `fastgpt train` with these shapes on this machine runs "
+          f"{tune.backend_spec(config, choices)}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     with _importing():
         from fastgpt.verify import verify
@@ -253,6 +274,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for op, (ok, why) in available.items():
         for impl, (runs, what) in (("fused", (ok, why)), ("torch", ops.torch_status(op))):
             print(f"  {op + ' ' + impl:<{width}} {'available' if runs else 'unavailable'}: {what}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = ops.dispatch.ChoiceCache(ops.dispatch.choice_cache_path(), device, print)
+    here = cache.here()
+    print(f"auto's measured choices on this machine ({cache.path}): "
+          + ("none yet (`fastgpt tune` or a `fastgpt train` with auto measures them)"
+             if not here else ""))
+    for choice in here:
+        print(f"  {choice.describe().replace(' [cached]', '')}")
     return 0
 
 
@@ -287,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute the whole window for every token (slower; the same "
                              "tokens)")
     sample.set_defaults(func=cmd_sample)
+
+    tune = commands.add_parser("tune", help="measure which implementation of each op is "
+                               "fastest at a config's shapes on this machine (what `auto` runs)")
+    _add_config_flags(tune)
+    tune.set_defaults(func=cmd_tune)
 
     verify = commands.add_parser("verify", help="check the fused kernels against the "
                                  "reference ops on this machine (exit 1 on any failure)")

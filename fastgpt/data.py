@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sysconfig
 import urllib.request
 import zlib
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fastgpt import FastGPTError, distributed
-from fastgpt.fileio import atomic_open, write_atomic
+from fastgpt.fileio import atomic_open, cache_dir, write_atomic
 from fastgpt.tokenizer import Tokenizer
 
 SHAKESPEARE_URL = (
@@ -45,14 +44,6 @@ CACHE_FORMAT = 2  # bump when the layout of a prepared cache changes (2: checksu
 CHECK_CHUNK = 1 << 22  # ids per step of the cache check: 8 MiB, whatever the file's size
 
 Log = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    """$FASTGPT_CACHE, else $XDG_CACHE_HOME/fastgpt, else ~/.cache/fastgpt."""
-    if os.environ.get("FASTGPT_CACHE"):
-        return Path(os.environ["FASTGPT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastgpt"
 
 
 def sha256_hex(data: bytes) -> str:

@@ -187,6 +187,15 @@ def same_on_every_rank(ctx: Context, value) -> bool:
     return all(tuple(theirs) == value for theirs in all_gather(ctx, value))
 
 
+def broadcast_from_main(ctx: Context, obj):
+    """Rank 0's `obj` on every rank (a picklable object; the others' are ignored)."""
+    if not ctx.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, group=ctx.cpu_group)
+    return holder[0]
+
+
 def all_gather(ctx: Context, obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
     if not ctx.enabled:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a torn one."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never a torn one)
+and the user cache directory."""
 
 from __future__ import annotations
 
@@ -43,3 +44,11 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def cache_dir() -> Path:
+    """$FASTGPT_CACHE, else $XDG_CACHE_HOME/fastgpt, else ~/.cache/fastgpt."""
+    if os.environ.get("FASTGPT_CACHE"):
+        return Path(os.environ["FASTGPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastgpt"

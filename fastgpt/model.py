@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastgpt import ops
 
@@ -82,7 +83,10 @@ class CausalSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, C // H)
             return t.view(B, T, H, C // H).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # q, k and v by one (C -> 3C) matmul over x rather than three (the weights stay three
+        # Linears: the chapter's names, and checkpoints keep their layout)
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        q, k, v = map(heads, F.linear(x, weight).split(C, dim=-1))
         if cache is not None:  # attend to every token so far: (B, H, cached + T, C // H)
             k, v = cache.append(k, v)
         y = ops.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt import FastGPTError, distributed, metrics, ops
+from fastgpt import FastGPTError, distributed, metrics, ops, tune
 from fastgpt.checkpoint import (check_new_run, check_resumable, load_resumable,
                                 restore_rng, restore_training, rng_state, save_checkpoint,
                                 write_run_info)
@@ -219,6 +219,8 @@ class _Training:
         self.corpus, self.data = self.run_data.corpus, self.run_data.prepared
         self.tokenizer, self.datasets = self.data.tokenizer, self.run_data.datasets
         self._build()
+        self.backends = tune.backends_for_run(config, checkpoint, device,  # before any trace
+                                              self.shares.micro_batch, self.log, ctx)
         self.progress = Progress()
         if checkpoint:
             self._restore(checkpoint)
@@ -262,7 +264,8 @@ class _Training:
         n_params = self.model.num_parameters()
         if ctx.is_main:
             write_run_info(self.run_dir.config, config, corpus, self.tokenizer,
-                           parameters=n_params, device=str(device), world_size=ctx.world_size)
+                           parameters=n_params, device=str(device), world_size=ctx.world_size,
+                           backends=self.backends)
         if ctx.enabled:
             self.log(f"data parallel over {ctx.world_size} ranks "
                      f"({distributed.backend_for(device)}): each takes {self.shares.accum} "
@@ -281,7 +284,7 @@ class _Training:
             "tokenizer": self.tokenizer.to_json(),
             "corpus": {"name": self.corpus.name, "sha256": self.corpus.sha256},
             "rng": rng_state(self.ctx, self.device),
-            "data_position": self.batches.state_dict(),
+            "data_position": self.batches.state_dict(), "backends": self.backends,
         }
 
     def save(self, improved: bool = False) -> None:

@@ -35,9 +35,13 @@ if XDIST_WORKERS > 1:
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache dir (corpus downloads, prepared tokens)."""
+    """Every test gets its own cache dir (corpus downloads, prepared tokens, auto's measured
+    choices), and runs the reference ops unless it names a backend: `auto` in training
+    measures which implementation is fastest, and two runs that a test compares must not
+    choose differently (tests/test_tune.py tests auto's choice with an injected clock)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("FASTGPT_CACHE", str(cache))
+    monkeypatch.setenv("FASTGPT_BACKEND", "reference")
     return cache
 
 

@@ -213,7 +213,7 @@ def test_compile_benchmark_times_every_variant_in_turns(tmp_path):
     assert [r["variant"] for r in rows] == ["fastgpt", "fastgpt-compiled", "nanogpt",
                                             "nanogpt-compiled"]
     assert all(len(r["runs"]) == 2 and r["ms_per_step"] > 0 for r in rows)
-    assert "compiled against eager, dropout off: loss " in result.stdout
+    assert "compiled against eager, dropout off, float64: loss " in result.stdout
     assert "| fastgpt-compiled |" in result.stdout
 
 

@@ -37,7 +37,8 @@ def backend(request):
     ops.set_backend(previous)
 
 
-@pytest.mark.parametrize("backend", ["reference", "linear_cross_entropy=fused"], indirect=True)
+@pytest.mark.parametrize("backend", ["reference", "torch", "linear_cross_entropy=fused"],
+                         indirect=True)
 def test_forward_and_loss_trace_to_one_graph(backend):
     if backend != "reference" and not ops.available()["linear_cross_entropy"][0]:
         require_or_skip(f"the fused linear_cross_entropy cannot run here: "

@@ -243,6 +243,38 @@ train_module.ForwardAndLoss.forward = loss
 """ + TRAIN_THEN_LIST_THREADS
 
 
+# Each rank's clock finds another implementation fastest: rank 0 torch's ops, rank 1 the
+# reference. Rank 0 measures and every rank runs its choice.
+CLOCK_PER_RANK = """
+import os
+os.environ.pop("FASTGPT_BACKEND", None)  # auto (the tests' default is the reference)
+from fastgpt import tune
+from fastgpt.ops import dispatch
+rank = os.environ["RANK"]
+fastest = {"0": "torch", "1": "reference"}[rank]
+dispatch.median_ms = lambda trial, device: 1.0 if trial.implementation == fastest else 2.0
+real = tune.backends_for_run
+def reporting(*args, **kwargs):
+    chosen = real(*args, **kwargs)
+    print(f"rank {rank} runs " + ",".join(f"{op}={impl}" for op, impl in sorted(chosen.items())),
+          flush=True)
+    return chosen
+tune.backends_for_run = reporting
+""" + TRAIN_THEN_LIST_THREADS
+
+
+@pytest.mark.slow
+def test_two_ranks_run_rank_0s_measured_choice(tmp_path, corpus_file):
+    script = tmp_path / "clock_per_rank.py"
+    script.write_text(CLOCK_PER_RANK)
+    result = torchrun(2, tiny_cli_args(tmp_path / "runs", corpus_file, **SETTINGS), script=script)
+    ran = sorted(re.findall(r"rank (\d) runs (\S+)", result.stdout))
+    want = ("adamw=torch,causal_attention=torch,cross_entropy=auto,"
+            "linear_cross_entropy=torch")
+    assert ran == [("0", want), ("1", want)], result.stdout[-3000:]
+    assert_left_the_process_group(result.stdout)
+
+
 def assert_left_the_process_group(output: str) -> None:
     at_exit = re.findall(r"threads at exit: .*", output)
     assert len(at_exit) == 2, output[-3000:]  # one line per rank

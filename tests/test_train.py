@@ -280,12 +280,12 @@ def test_backend_field_sets_the_process_default_for_the_run(tmp_path, corpus_fil
     real_loss = GPT.loss
 
     def recording_loss(self, idx, targets, **kwargs):
-        seen.append(ops.get_backend())
+        seen.append(tuple(ops.get_backend(op) for op in ops.KERNELS))
         return real_loss(self, idx, targets, **kwargs)
 
     monkeypatch.setattr(GPT, "loss", recording_loss)
     train(tiny_config(tmp_path / "runs", corpus_file, max_steps=1, backend="reference"))
-    assert set(seen) == {"reference"}
+    assert set(seen) == {("reference",) * len(ops.KERNELS)}
     assert ops.get_backend() == "auto"  # restored after the run
     # "fused" is strict: every op must have a kernel that runs here
     if not all(ok for ok, _ in ops.available().values()):

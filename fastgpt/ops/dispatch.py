@@ -16,8 +16,16 @@ The default is one of those names for every op, or a per-op list such as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -45,8 +53,13 @@ def get_backend(op: str | None = None) -> str:
         spec, source = _default_backend, "backend"
     else:
         spec, source = os.environ.get("FASTGPT_BACKEND") or "auto", "FASTGPT_BACKEND"
-    chosen = parse_backend(spec, source)
+    chosen = _parsed.get((spec, source))  # every op call asks: parsed once per spec
+    if chosen is None:
+        chosen = _parsed[(spec, source)] = parse_backend(spec, source)  # a bad one raises
     return spec if op is None else chosen[op]
+
+
+_parsed: dict[tuple[str, str], dict[str, str]] = {}  # (spec, source) -> {op: backend}
 
 
 def fused_where_available() -> str:
@@ -279,3 +292,206 @@ def _resolve(op: str, backend: str, device: torch.device | None) -> str:
     if device is not None and not _fused_runs_on(op, device):
         raise BackendUnavailable(f"fused {op} needs CUDA tensors, got {device} ones")
     return "fused"
+
+
+# --- the measured choice -----------------------------------------------------------------
+#
+# `auto` at training's shapes: each implementation that can run (a fused kernel only after
+# its self-check) is timed on a short trial of the op (forward + backward; AdamW: a step),
+# and the fastest is kept if it beats the incumbent (the cached choice, else PyTorch's own
+# op) by MARGIN, so that noise does not flip it. The result is cached on disk per machine,
+# versions and kernel sources, op, dtype and shapes: a second run pays nothing.
+
+IMPLEMENTATIONS = ("reference", "torch", "fused")
+INCUMBENT = "torch"  # what a challenger must beat: PyTorch's own op
+MARGIN = 0.05        # ... by 5% of its time (trial-to-trial noise on a busy CPU is ~2-3%)
+
+Trial = Callable[[], object]       # one forward + backward (or step) of an implementation
+Timer = Callable[[Trial], float]   # a trial -> its median time in ms
+
+
+@dataclasses.dataclass
+class Choice:
+    """What auto chose for one op at one shape: the implementation, each candidate's median
+    time in ms, why the others could not run, and whether it came from the cache."""
+    op: str
+    shape: str
+    chosen: str
+    times_ms: dict[str, float]
+    excluded: dict[str, str]
+    cached: bool = False
+
+    def describe(self) -> str:
+        """One line: 'causal_attention: torch (torch 1.20 ms, reference 2.31 ms; fused:
+        needs a CUDA GPU)'."""
+        times = ", ".join(f"{impl} {ms:.3g} ms" for impl, ms in
+                          sorted(self.times_ms.items(), key=lambda item: item[1]))
+        why_not = "; ".join(f"{impl}: {why}" for impl, why in self.excluded.items())
+        detail = "; ".join(part for part in (times, why_not) if part)
+        return (f"{self.op}: {self.chosen} ({detail})" + (" [cached]" if self.cached else "")
+                + f" at {self.shape}")
+
+    def speedup(self) -> float | None:
+        """torch's time over the chosen one's (None when torch did not run)."""
+        if INCUMBENT not in self.times_ms or self.chosen not in self.times_ms:
+            return None
+        return self.times_ms[INCUMBENT] / self.times_ms[self.chosen]
+
+
+def median_ms(trial: Trial, device: torch.device, reps: int = 5,
+              budget_s: float = 2.0) -> float:
+    """The median time of `trial` in ms after warm-up (two calls on a GPU: the first
+    compiles Triton kernels; one on a CPU): CUDA events around each call on a GPU,
+    perf_counter on a CPU; `reps` calls, fewer (at least 3) past budget_s."""
+    cuda = device.type == "cuda"
+    for _ in range(2 if cuda else 1):
+        trial()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - started < budget_s):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            trial()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            trial()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def choose(op: str, shape: str, trials: dict[str, Trial | str], timer: Timer,
+           cache: ChoiceCache | None = None, remeasure: bool = False,
+           margin: float = MARGIN) -> Choice:
+    """The implementation of `op` that `auto` runs at `shape` (a string naming the shapes
+    and dtype). trials: {implementation: a trial, or why it cannot run here}. A cached
+    choice is taken as it is (unless remeasure, or it can no longer run); otherwise every
+    trial is timed, and the fastest replaces the incumbent (the cached choice, else torch's
+    op, else the fastest) only if it is `margin` faster. A trial that raises is excluded
+    with its error."""
+    cached = cache.get(op, shape) if cache is not None else None
+    if cached is not None and not remeasure and callable(trials.get(cached.chosen)):
+        return cached
+    times, excluded = {}, {}
+    for impl, trial in trials.items():
+        if not callable(trial):
+            excluded[impl] = trial
+            continue
+        try:
+            times[impl] = timer(trial)
+        except Exception as exc:  # a kernel that fails at these shapes is not a candidate
+            excluded[impl] = f"failed in its trial ({type(exc).__name__}: " \
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    if not times:
+        raise BackendUnavailable(f"no implementation of {op} can run at {shape}: "
+                                 + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+    fastest = min(times, key=times.get)
+    incumbent = next((impl for impl in (cached.chosen if cached else None, INCUMBENT)
+                      if impl in times), fastest)
+    chosen = fastest if times[fastest] < (1.0 - margin) * times[incumbent] else incumbent
+    choice = Choice(op, shape, chosen, times, excluded)
+    if cache is not None:
+        cache.put(choice)
+    return choice
+
+
+def _kernel_sources_hash() -> str:
+    """sha256 of fastgpt/ops/*.py and csrc/*: a changed kernel is measured again."""
+    from fastgpt.ops.extension import CSRC
+
+    digest = hashlib.sha256()
+    files = sorted(Path(__file__).parent.glob("*.py")) + (
+        sorted(p for p in CSRC.iterdir() if p.is_file()) if CSRC.is_dir() else [])
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fastgpt import __version__
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = "none"
+    return (f"fastgpt {__version__} kernels {_kernel_sources_hash()}, torch {torch.__version__}"
+            f" (CUDA {torch.version.cuda or 'none'}), triton {triton}")
+
+
+def machine(device: torch.device) -> str:
+    """The device a choice was measured on: the GPU's name and capability, or the CPU's
+    architecture and torch's thread count."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+    return f"cpu {platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def choice_cache_path() -> Path:
+    """$FASTGPT_CACHE/choices.json (the user cache dir, as the token cache)."""
+    from fastgpt.fileio import cache_dir
+
+    return cache_dir() / "choices.json"
+
+
+class ChoiceCache:
+    """The measured choices of one machine and set of versions, in a JSON file shared with
+    other machines' and versions' entries (each keyed by them). A file that cannot be read
+    is measured over again, with a one-line note."""
+
+    def __init__(self, path: Path, device: torch.device,
+                 log: Callable[[str], None] = lambda line: None):
+        self.path, self.log = Path(path), log
+        self.prefix = f"{machine(device)} | {_versions()} | "
+        self.entries: dict[str, dict] = {}
+        try:
+            data = json.loads(self.path.read_text())
+            if not (isinstance(data, dict) and isinstance(data.get("entries"), dict)):
+                raise ValueError("not a fastgpt choice cache")
+            self.entries = data["entries"]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log(f"the choice cache {self.path} could not be read ({type(exc).__name__}: "
+                f"{str(exc)[:100]}); measuring again")
+
+    def _key(self, op: str, shape: str) -> str:
+        return f"{self.prefix}{op} | {shape}"
+
+    def get(self, op: str, shape: str) -> Choice | None:
+        entry = self.entries.get(self._key(op, shape))
+        try:
+            return Choice(op, shape, entry["chosen"], dict(entry["times_ms"]),
+                          dict(entry["excluded"]), cached=True) if entry else None
+        except (KeyError, TypeError):
+            return None
+
+    def put(self, choice: Choice) -> None:
+        from fastgpt.fileio import write_atomic
+
+        self.entries[self._key(choice.op, choice.shape)] = {
+            "chosen": choice.chosen, "times_ms": choice.times_ms, "excluded": choice.excluded}
+        try:
+            write_atomic(self.path, (json.dumps({"entries": self.entries}, indent=1)
+                                     + "\n").encode())
+        except OSError as exc:  # a read-only cache costs the next run a measurement, no more
+            self.log(f"the choice cache {self.path} could not be written ({exc}); the choice "
+                     f"holds for this run only")
+
+    def here(self) -> list[Choice]:
+        """This machine's and these versions' choices."""
+        mine = []
+        for key in self.entries:
+            if key.startswith(self.prefix):
+                op, _, shape = key[len(self.prefix):].partition(" | ")
+                if (choice := self.get(op, shape)) is not None:
+                    mine.append(choice)
+        return mine
