@@ -10,7 +10,7 @@ beyond the inputs (hidden, weight, bias, targets; the gradients are in it, the s
 every variant):
   v1        fastgpt.ops.linear_cross_entropy(backend="fused"): version 1, chunked (the
             rows in chunks, the Triton cross-entropy kernel on each chunk's logits)
-  v2        version 2, no logits in global memory (triton_linear_ce.LinearCrossEntropyV2:
+  v2        version 2, no logits in global memory (linear_cross_entropy_v2.LinearCrossEntropyV2:
             logit tiles on chip, the backward recomputes them and skips negligible tiles;
             the JSON counts the skips). The op ships v2 only if it beats v1 here: peak
             memory lower at equal or better time
@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastgpt's kernels are imported
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
-from fastgpt.ops import triton_linear_ce  # noqa: E402
+from fastgpt.ops.experimental import linear_cross_entropy_v2  # noqa: E402
 from harness import (  # noqa: E402  (bench/harness.py)
     Column, Table, benchmark_parser, card_of, run_benchmarks)
 from timing import cpu_memory, cuda_median_ms_and_peak, median_ms  # noqa: E402  (bench/timing.py)
@@ -69,7 +69,7 @@ def liger_variant():
 def variants(cuda: bool) -> dict:
     found = {"v1": lambda h, w, t, b: ops.linear_cross_entropy(h, w, t, b, backend="fused")}
     if cuda:  # (through the interpreter version 2 takes ~20 s a step at the CPU case)
-        found["v2"] = lambda h, w, t, b: triton_linear_ce.LinearCrossEntropyV2.apply(
+        found["v2"] = lambda h, w, t, b: linear_cross_entropy_v2.LinearCrossEntropyV2.apply(
             h, w, b, t, -100, "mean", 0.0, True)
     found["eager"] = composition
     if cuda:
@@ -121,9 +121,9 @@ def measure_cuda_case(found: dict, args, case: dict) -> dict:
               if row["v1_peak_bytes"] and row["eager_peak_bytes"] else None)
     time = row["v1_ms"] / row["compiled_ms"] if row["v1_ms"] and row["compiled_ms"] else None
     row["v1_memory_vs_eager"], row["v1_time_vs_compiled"] = memory, time
-    row["v2_skipped_tiles"] = int(triton_linear_ce.LinearCrossEntropyV2.skipped_tiles)
-    row["v2_tiles"] = (-(-n // triton_linear_ce.V2_BLOCKS[0])
-                       * -(-vocab // triton_linear_ce.V2_BLOCKS[1]))
+    row["v2_skipped_tiles"] = int(linear_cross_entropy_v2.LinearCrossEntropyV2.skipped_tiles)
+    row["v2_tiles"] = (-(-n // linear_cross_entropy_v2.V2_BLOCKS[0])
+                       * -(-vocab // linear_cross_entropy_v2.V2_BLOCKS[1]))
     row["meets_targets"] = (memory is not None and time is not None
                             and memory <= MEMORY_TARGET and time <= TIME_TARGET)
     return row

@@ -341,6 +341,11 @@ def gpu_stages() -> list[Stage]:
               expected_s=10, minimum_s=5, share_s=60),
         Stage("verify", "fastgpt verify: fused against reference",
               ("{python}", "-m", "fastgpt", "verify"), expected_s=40, minimum_s=20, share_s=150),
+        # which implementation `auto` takes at the seed shapes (bf16, as on a GPU): every
+        # candidate's time, the first word on whether the kernels win
+        Stage("tune", "fastgpt tune at the seed shapes: reference, torch and fused timed",
+              ("{python}", "-m", "fastgpt", "tune", "--preset", "seed", "--bf16"),
+              expected_s=30, minimum_s=15, share_s=90),
         # the tests marked gpu_quick / gpu (tests/helpers.py): the CPU emulator's and the
         # nvcc build's tests are CI's, not marked, so not run here. In one process
         # (ONE_PROCESS), not pyproject's one xdist worker per core

@@ -7,7 +7,7 @@ mix of every GPU kernel, read from the binaries, without a GPU.
 The kernels: fastgpt._C's (csrc/, nvcc; built into build/kernel_report/ unless --library
 names a built fastgpt_C_cuda*.so) and the Triton cross-entropy kernels of every launch that
 triton_ce.self_check makes on a GPU, compiled ahead of time for each arch
-(fastgpt/ops/triton_aot.py), plus a few launches that only this report compiles: _scale_kernel
+(bench/triton_aot.py), plus a few launches that only this report compiles: _scale_kernel
 before issue 16's fix, and the training launch at V = 50257 and 50304. Per kernel and arch:
 
 - registers, local memory (the stack frame: spills live there) from `cuobjdump -res-usage`;
@@ -536,7 +536,7 @@ def render(arch: int, extension: list[Kernel], self_check: list[Kernel],
             "self-check's (fastgpt/ops/triton_ce.py) and the linear + cross-entropy's "
             "version 2 (fastgpt/ops/triton_linear_ce.py)", "",
             "Compiled ahead of time as a launch on a GPU would compile them "
-            "(fastgpt/ops/triton_aot.py). Their specialisations (`D`: the argument is "
+            "(bench/triton_aot.py). Their specialisations (`D`: the argument is "
             "divisible by 16, which lets Triton prove vector alignment):", ""]
     seen = set()
     for k in self_check:
@@ -596,7 +596,7 @@ def collect(archs, library: str | None, work_dir: Path, with_extra: bool = True
     """(extension kernels, self-check Triton kernels, the report's own Triton kernels,
     facts about the tools) for each arch in archs."""
     import triton
-    from fastgpt.ops import triton_aot
+    import triton_aot  # bench/triton_aot.py, beside this script
 
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     if not cuobjdump or not nvdisasm:
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every kernel's figures here")
     args = parser.parse_args(argv)
     # The Triton kernels are compiled in this process, which Triton's interpreter would
-    # prevent (fastgpt/ops/triton_aot.py says why): off before Triton is first imported.
+    # prevent (bench/triton_aot.py says why): off before Triton is first imported.
     os.environ.pop("TRITON_INTERPRET", None)
     archs = args.arch or [90]
     library = None

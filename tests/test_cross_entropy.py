@@ -41,8 +41,13 @@ def needs_the_kernel():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def fused(logits, targets, **kwargs):
-    return ops.cross_entropy(logits, targets, backend="fused", **kwargs)
+def fused(logits, targets, block_v=None, block_rows=None, **kwargs):
+    """The op with backend "fused"; with tile sizes, its fused path (where they are set)."""
+    if block_v is None and block_rows is None:
+        return ops.cross_entropy(logits, targets, backend="fused", **kwargs)
+    from fastgpt.ops import triton_ce
+    return triton_ce.fused_cross_entropy(logits, targets, block_v=block_v,
+                                         block_rows=block_rows, **kwargs)
 
 
 def loss_and_grad(fn, logits, targets, grad_output, **kwargs):

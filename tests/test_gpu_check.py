@@ -306,7 +306,7 @@ def test_report_assembles_a_finished_run_with_its_benchmark_tables(tmp_path):
 def test_the_gpu_stages_come_in_order_of_value_and_fit_the_lease():
     stages = gpu_check.gpu_stages()
     names = [s.name for s in stages if not s.full_only]
-    assert names[:5] == ["environment", "build", "info", "verify", "gpu_tests"]
+    assert names[:6] == ["environment", "build", "info", "verify", "tune", "gpu_tests"]
     assert names[-2:] == ["sanitizer_memcheck", "sanitizer_racecheck"]
     assert all(s.share_s <= 600 for s in stages)  # no stage may pass one command's limit
     assert all(s.minimum_s <= s.share_s for s in stages)

@@ -1,6 +1,6 @@
 """What the compiler made, checked without a GPU (issue 16, parts 4 to 6): the Triton
 kernels of every self-check launch compiled ahead of time for sm_80 and sm_90
-(fastgpt/ops/triton_aot.py), the built extension's SASS, and bench/kernel_report.py's
+(bench/triton_aot.py), the built extension's SASS, and bench/kernel_report.py's
 parsing and occupancy rules.
 
 Cost on a 2-core CPU: the Triton compiles about 10 s (a subprocess, 16 compiles), the
@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgpt.ops import triton_aot, triton_ce
+from fastgpt.ops import triton_ce
 from helpers import require_or_skip
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 try:
     kernel_report = importlib.import_module("kernel_report")
+    triton_aot = importlib.import_module("triton_aot")
 finally:
     sys.path.remove(str(BENCH))
 

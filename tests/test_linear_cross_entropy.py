@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastgpt import ops
 from fastgpt.model import GPT
 from fastgpt.ops import reference, triton_linear_ce
+from fastgpt.ops.experimental import linear_cross_entropy_v2
 from fastgpt.verify import FP32_RELATIVE, twice_torchs_error
 from helpers import quick, require_or_skip
 
@@ -102,8 +103,8 @@ def test_loss_and_gradients_match_the_composition(dtype, n, vocab, d, reduction,
     grad_output = (torch.rand(shape, generator=torch.Generator().manual_seed(1),
                               dtype=torch.float64) + 0.5).to(DEVICE)
     kwargs = dict(reduction=reduction, label_smoothing=smoothing)
-    ours = loss_and_grads(ops.linear_cross_entropy, hidden, weight, bias, targets, grad_output,
-                          backend="fused", chunk_rows=chunk_rows, **kwargs)
+    ours = loss_and_grads(triton_linear_ce.fused_linear_cross_entropy, hidden, weight, bias,
+                          targets, grad_output, chunk_rows=chunk_rows, **kwargs)
     torch_own = loss_and_grads(torch_composition, hidden, weight, bias, targets, grad_output,
                                **kwargs)
     wide = [None if t is None else t.double() for t in (hidden, weight, bias)]
@@ -150,8 +151,12 @@ def test_the_fused_path_never_allocates_the_logits():
     for backend in ("fused", "reference"):
         def step():
             leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-            ops.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2],
-                                     backend=backend, chunk_rows=32).backward()
+            if backend == "fused":
+                triton_linear_ce.fused_linear_cross_entropy(
+                    leaves[0], leaves[1], targets, leaves[2], chunk_rows=32).backward()
+            else:
+                ops.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2],
+                                         backend=backend).backward()
         results[backend] = cpu_memory(step)
     peak, largest = results["fused"]
     assert largest == vocab * d * 4  # the fp32 grad_weight accumulator
@@ -172,8 +177,8 @@ def test_reduction_none_recomputes_in_the_backward_and_mean_does_not(monkeypatch
     for reduction, forward, backward in (("mean", [True] * 3, []),
                                          ("none", [False] * 3, [True] * 3)):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss = ops.linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2],
-                                        reduction=reduction, backend="fused", chunk_rows=16)
+        loss = triton_linear_ce.fused_linear_cross_entropy(
+            leaves[0], leaves[1], targets, leaves[2], reduction=reduction, chunk_rows=16)
         assert launches == forward, reduction
         launches.clear()
         loss.sum().backward()
@@ -184,8 +189,8 @@ def test_reduction_none_recomputes_in_the_backward_and_mean_does_not(monkeypatch
 def test_without_gradients_only_the_loss_is_computed():
     hidden, weight, bias, targets = make_inputs(20, 100, 16, torch.float32, True, "some")
     with torch.no_grad():
-        loss = ops.linear_cross_entropy(hidden, weight, targets, bias, backend="fused",
-                                        reduction="none", chunk_rows=8)
+        loss = triton_linear_ce.fused_linear_cross_entropy(hidden, weight, targets, bias,
+                                                           reduction="none", chunk_rows=8)
     want = reference.linear_cross_entropy(hidden, weight, targets, bias, reduction="none")
     torch.testing.assert_close(loss, want, rtol=FP32_RELATIVE, atol=0)
     # only hidden requires grad (a frozen head): the weight and bias get none
@@ -219,8 +224,8 @@ def test_bad_inputs_get_one_line_errors():
         "out of range": lambda: ops.linear_cross_entropy(hidden, weight, targets + 10),
         "float32, bfloat16 or float16": lambda: ops.linear_cross_entropy(
             hidden.double(), weight.double(), targets, backend="fused"),
-        "chunk_rows": lambda: ops.linear_cross_entropy(hidden, weight, targets,
-                                                       backend="fused", chunk_rows=0),
+        "chunk_rows": lambda: triton_linear_ce.fused_linear_cross_entropy(
+            hidden, weight, targets, chunk_rows=0),
     }
     for expected, call in calls.items():
         with pytest.raises(ValueError, match=expected) as info:
@@ -271,7 +276,7 @@ V2_CASES = [
 
 def version_2(filter):
     def fn(hidden, weight, targets, bias, reduction="mean", label_smoothing=0.0):
-        return triton_linear_ce.LinearCrossEntropyV2.apply(
+        return linear_cross_entropy_v2.LinearCrossEntropyV2.apply(
             hidden, weight, bias, targets, -100, reduction, label_smoothing, filter)
     return fn
 
@@ -305,7 +310,7 @@ def test_version_2_matches_the_composition(dtype, n, vocab, d, reduction, smooth
                                            with_bias):
     assert_within_twice_torchs_error(version_2(filter=False), dtype, n, vocab, d, reduction,
                                      smoothing, with_bias)
-    assert not triton_linear_ce.LinearCrossEntropyV2.skipped_tiles.item()
+    assert not linear_cross_entropy_v2.LinearCrossEntropyV2.skipped_tiles.item()
 
 
 @pytest.mark.slow
@@ -315,7 +320,8 @@ def test_version_2_skips_negligible_tiles_within_the_same_bound(monkeypatch):
     backward skips them (and counts them) and stays within twice torch's own bf16 error.
     The GPU's tile sizes here too (the interpreter's wider tiles would rarely be all
     negligible)."""
-    monkeypatch.setattr(triton_linear_ce, "V2_INTERPRETER_BLOCKS", triton_linear_ce.V2_BLOCKS)
+    monkeypatch.setattr(linear_cross_entropy_v2, "V2_INTERPRETER_BLOCKS",
+                        linear_cross_entropy_v2.V2_BLOCKS)
     assert_within_twice_torchs_error(version_2(filter=True), torch.bfloat16, 20, 8192, 64,
                                      "mean", 0.0, True, spread=8.0)
-    assert triton_linear_ce.LinearCrossEntropyV2.skipped_tiles.item() > 0
+    assert linear_cross_entropy_v2.LinearCrossEntropyV2.skipped_tiles.item() > 0

@@ -11,14 +11,13 @@ from fastgpt.ops import dispatch, reference
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0,
-                  backend: str | None = None, check_targets: bool = True,
-                  block_v: int | None = None, block_rows: int | None = None) -> torch.Tensor:
+                  backend: str | None = None, check_targets: bool = True) -> torch.Tensor:
     """F.cross_entropy over logits (N, V) and int64 targets (N,).
 
     Every backend returns the loss in fp32 whatever the logits' dtype ("torch" runs
     F.cross_entropy on the logits cast to fp32, as torch.autocast does; F.cross_entropy
-    alone would return the logits' dtype); block_v / block_rows override the fused kernel's
-    tile sizes (powers of two; for tests and benchmarks; the others ignore them).
+    alone would return the logits' dtype). The fused path is
+    triton_ce.fused_cross_entropy (where tests and benchmarks set its tile sizes).
 
     No call waits for the device. A target outside [0, V) that is not ignore_index is
     caught without a host sync (reference.check_target_range): on CPU tensors a ValueError
@@ -43,13 +42,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
                                reduction=reduction, label_smoothing=label_smoothing)
     from fastgpt.ops import triton_ce
 
-    reference.check_cross_entropy_inputs(logits, targets, ignore_index, reduction,
-                                         label_smoothing, check_targets)
-    if logits.dtype not in triton_ce.DTYPES:
-        raise ValueError(f"the fused cross_entropy takes float32, bfloat16 or float16 logits, "
-                         f"got {logits.dtype}")
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    return triton_ce.FusedCrossEntropy.apply(logits, targets.contiguous(), ignore_index, reduction,
-                                   float(label_smoothing), compute_grad, block_v, block_rows)
+    return triton_ce.fused_cross_entropy(logits, targets, ignore_index=ignore_index,
+                                         reduction=reduction, label_smoothing=label_smoothing,
+                                         check_targets=check_targets)

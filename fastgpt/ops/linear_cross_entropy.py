@@ -13,8 +13,8 @@ from fastgpt.ops import dispatch, reference
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0,
-                         backend: str | None = None, check_targets: bool = True,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         backend: str | None = None, check_targets: bool = True
+                         ) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T + bias, targets, ...) with gradients for hidden,
     weight and bias, where the fused path never holds the (N, V) logits.
 
@@ -22,9 +22,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     float dtype (under torch.autocast, cast to its dtype as F.linear would be); targets:
     (N,) int64. ignore_index, reduction, label_smoothing, check_targets: as in
     cross_entropy. The fused path (fastgpt/ops/triton_linear_ce.py) takes float32, bfloat16
-    or float16 and returns the loss in fp32, as the reference does for bf16/fp16;
-    chunk_rows overrides its rows per chunk (for tests and benchmarks; the reference
-    ignores it). No call waits for the device.
+    or float16 and returns the loss in fp32, as the others do for bf16/fp16 (tests and
+    benchmarks set its rows per chunk through triton_linear_ce.fused_linear_cross_entropy).
+    No call waits for the device.
     """
     device_type = hidden.device.type
     # (not torch.amp.is_autocast_available: torch 2.11's compile breaks the graph on it; meta
@@ -39,25 +39,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                               ignore_index=ignore_index, reduction=reduction,
                                               label_smoothing=label_smoothing,
                                               check_targets=check_targets)
-    reference.check_linear_cross_entropy_inputs(hidden, weight, bias, targets, ignore_index,
-                                                reduction, label_smoothing, check_targets)
     if chosen == "torch":
+        reference.check_linear_cross_entropy_inputs(hidden, weight, bias, targets, ignore_index,
+                                                    reduction, label_smoothing, check_targets)
         # the logits in the inputs' dtype, the loss in fp32 (as under torch.autocast)
         logits = F.linear(hidden, weight, bias)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, targets,
                                ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
-    from fastgpt.ops import triton_ce, triton_linear_ce
+    from fastgpt.ops import triton_linear_ce
 
-    if hidden.dtype not in triton_ce.DTYPES:
-        raise ValueError(f"the fused linear_cross_entropy takes float32, bfloat16 or float16 "
-                         f"inputs, got {hidden.dtype}")
-    if chunk_rows is None:
-        chunk_rows = triton_linear_ce.chunk_rows_for(hidden.shape[0], weight.shape[0],
-                                                     hidden.shape[1])
-    elif chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    return triton_linear_ce.ChunkedLinearCrossEntropy.apply(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        targets.contiguous(), ignore_index, reduction, float(label_smoothing), chunk_rows)
+    return triton_linear_ce.fused_linear_cross_entropy(
+        hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, check_targets=check_targets)

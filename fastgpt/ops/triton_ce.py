@@ -185,7 +185,7 @@ def _on_device(tensor: torch.Tensor):
 class KernelLaunch:
     """One launch of a @triton.jit kernel: kernel[grid](*args, **options), options being
     its constexpr arguments and num_warps. launch() and _scale_op run theirs;
-    fastgpt/ops/triton_aot.py compiles self_check_launches() ahead of time for a GPU."""
+    bench/triton_aot.py compiles self_check_launches() ahead of time for a GPU."""
     kernel: Any
     grid: tuple[int, ...]
     args: tuple
@@ -380,6 +380,28 @@ class FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
+                        ignore_index: int = -100, reduction: str = "mean",
+                        label_smoothing: float = 0.0, check_targets: bool = True,
+                        block_v: int | None = None, block_rows: int | None = None
+                        ) -> torch.Tensor:
+    """fastgpt.ops.cross_entropy's fused path: its input checks, then the kernel. block_v /
+    block_rows override the tile sizes (powers of two; None: block_sizes' choice), for
+    tests and benchmarks."""
+    from fastgpt.ops import reference
+
+    reference.check_cross_entropy_inputs(logits, targets, ignore_index, reduction,
+                                         label_smoothing, check_targets)
+    if logits.dtype not in DTYPES:
+        raise ValueError(f"the fused cross_entropy takes float32, bfloat16 or float16 logits, "
+                         f"got {logits.dtype}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    return FusedCrossEntropy.apply(logits, targets.contiguous(), ignore_index, reduction,
+                                   float(label_smoothing), compute_grad, block_v, block_rows)
+
+
 # self_check's cases: (logits dtype, vocab, reduction, label smoothing), on 6 rows
 SELF_CHECK_CASES = ((torch.float32, 37, "mean", 0.0), (torch.bfloat16, 512, "mean", 0.0),
                     (torch.float32, 5000, "sum", 0.1), (torch.bfloat16, 5000, "none", 0.0))
@@ -428,7 +450,7 @@ def self_check(device: torch.device) -> None:
 
 def self_check_launches() -> list[tuple[str, KernelLaunch]]:
     """The kernel launches that self_check makes on a GPU, (case, launch) for each, on meta
-    tensors (shapes and dtypes, no data): what fastgpt/ops/triton_aot.py compiles ahead of
+    tensors (shapes and dtypes, no data): what bench/triton_aot.py compiles ahead of
     time. For each case, FusedCrossEntropy's forward and backward: with reduction "none" the
     forward computes the loss alone and the backward the gradient from the saved stats with
     a per-row scale; otherwise the forward writes the gradient (one scale) and the backward

@@ -12,9 +12,9 @@ private: a Triton that changes them makes this fail loudly, not compile somethin
 The compile cannot run in a process where TRITON_INTERPRET=1 was set before Triton was
 imported (the test suite without a GPU): there Triton's own library functions (tl.sum,
 tl.zeros, ...) are interpreter objects that the compiler cannot lower. Such a process calls
-compile_in_subprocess(), which runs `python -m fastgpt.ops.triton_aot` without it.
+compile_in_subprocess(), which runs `python bench/triton_aot.py` without it.
 
-    python -m fastgpt.ops.triton_aot --out DIR [--arch 90 --arch 80]
+    python bench/triton_aot.py --out DIR [--arch 90 --arch 80]
 
 compiles every launch of aot_launches() (the cross-entropy self-check's and the linear +
 cross-entropy's version 2) and writes DIR/<name>.cubin and .ptx for each, and
@@ -96,9 +96,10 @@ def compile_records(launches: list[tuple[str, KernelLaunch]], archs, out_dir) ->
 def aot_launches() -> list[tuple[str, KernelLaunch]]:
     """What is compiled ahead of time: every launch that triton_ce.self_check makes on a GPU
     (the cross-entropy kernel's variants, which version 1 of the linear + cross-entropy
-    runs too) and version 2's kernels (triton_linear_ce.version_2_launches)."""
-    from fastgpt.ops import triton_ce, triton_linear_ce
-    return triton_ce.self_check_launches() + triton_linear_ce.version_2_launches()
+    runs too) and version 2's kernels (linear_cross_entropy_v2.version_2_launches)."""
+    from fastgpt.ops import triton_ce
+    from fastgpt.ops.experimental import linear_cross_entropy_v2
+    return triton_ce.self_check_launches() + linear_cross_entropy_v2.version_2_launches()
 
 
 def compile_self_check(archs=DEFAULT_ARCHS, out_dir=".") -> list[dict]:
@@ -113,7 +114,7 @@ def compile_in_subprocess(out_dir, archs=DEFAULT_ARCHS, cache_dir=None,
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
-    command = [sys.executable, "-m", "fastgpt.ops.triton_aot", "--out", str(out_dir)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out_dir)]
     for arch in archs:
         command += ["--arch", str(arch)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)

@@ -1,0 +1,1 @@
+"""Kernels that a benchmark has yet to decide on: not used by fastgpt.ops."""
