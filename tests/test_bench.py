@@ -67,6 +67,18 @@ def test_reference_mode_writes_its_rows(tmp_path, script, args, says, keys, rows
     assert times and all(t > 0 for t in times)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/'s own job")
+@pytest.mark.slow
+def test_host_benchmark_times_each_backend_that_runs_every_op(tmp_path):
+    out = tmp_path / "host.json"
+    result = run_bench("bench_host.py", "--steps", "2", "--runs", "2", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fused: skipped (" in result.stdout  # no CUDA kernel runs here
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "torch"]
+    assert all(r["host_ms"] > 0 and len(r["runs"]) == 2 for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
 @pytest.mark.slow
 def test_gpu_check_refuses_cleanly_without_a_gpu():
