@@ -79,6 +79,17 @@ def test_host_benchmark_times_each_backend_that_runs_every_op(tmp_path):
     assert all(r["host_ms"] > 0 and len(r["runs"]) == 2 for r in rows)
 
 
+@pytest.mark.slow
+def test_prepare_benchmark_reports_time_memory_and_the_split(tmp_path):
+    out = tmp_path / "prepare.json"
+    result = run_bench("bench_prepare.py", "--mb", "1", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["MB"], row["vocab"]) == (1.0, 512)
+    assert 0 < row["train_tokenizer_s"] < row["wall_s"] and 0 < row["encode_s"] < row["wall_s"]
+    assert row["peak_rss_mb"] > 50 and row["MB_per_s"] > 0  # a Python with torch, at least
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
 @pytest.mark.slow
 def test_gpu_check_refuses_cleanly_without_a_gpu():
