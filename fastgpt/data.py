@@ -16,6 +16,7 @@ silently repaired: convert it first (e.g. `iconv -f latin1 -t utf-8`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -167,8 +168,14 @@ def prepare(corpus: Corpus, vocab_size: int, data_dir: str | Path | None = None,
     directory = root / f"{corpus.sha256[:16]}-v{vocab_size}"
     cached, problem = _read_cache(directory, corpus, vocab_size)
     if tokenizer is not None and (cached is None or cached.tokenizer.sha256 != tokenizer.sha256):
-        directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
-        cached, problem = _read_cache(directory, corpus, vocab_size)
+        # another tokenizer's tokens go to a cache of their own; a damaged cache of this very
+        # tokenizer (a resumed run's, as a rule) is rebuilt in place, below
+        if not (problem and _tokenizer_sha256(directory) == tokenizer.sha256):
+            if problem:
+                log(f"token cache {directory} failed its check ({problem}); it is not this "
+                    f"tokenizer's, so it is left as it is")
+            directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
+            cached, problem = _read_cache(directory, corpus, vocab_size)
     if cached is not None and (tokenizer is None or cached.tokenizer.sha256 == tokenizer.sha256):
         return cached
     if problem:
@@ -202,12 +209,37 @@ def prepare(corpus: Corpus, vocab_size: int, data_dir: str | Path | None = None,
     }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "meta.json").unlink(missing_ok=True)  # invalidate before touching the rest
+    _remove_temporaries(directory, log)
     with atomic_open(directory / "tokens.bin") as f:
         f.write(ids.tobytes())
     tokenizer.save(directory / "tokenizer.json")
     write_atomic(directory / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     log(f"cached {len(ids):,} tokens in {directory}")
     return _prepared(tokenizer, directory, meta)
+
+
+def _tokenizer_sha256(directory: Path) -> str | None:
+    """The sha256 of the tokenizer.json in a cache directory, None if it cannot be read."""
+    try:
+        return Tokenizer.load(directory / "tokenizer.json").sha256
+    except (OSError, FastGPTError):
+        return None
+
+
+def _remove_temporaries(directory: Path, log: Log) -> None:
+    """Remove what an interrupted prepare left in `directory`: atomic_open's temporaries
+    (.tokens.bin.*.tmp and the like: up to a whole tokens.bin each, after a kill -9). The
+    cache's meta.json is already gone here: a prepare running beside this one on the same
+    cache would have been rebuilding it too, and its write fails with a one-line error."""
+    stale = [path for path in directory.glob(".*.tmp") if path.is_file()]
+    freed = 0
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            freed += path.stat().st_size
+            path.unlink()
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) ({freed / 1e6:.1f} MB) that an "
+            f"interrupted prepare left in {directory}")
 
 
 def _read_cache(directory: Path, corpus: Corpus, vocab_size: int

@@ -446,6 +446,52 @@ def test_prepare_with_different_tokenizer_encodes_with_it(small_corpus, tmp_path
     assert again_tok.directory == data.directory
 
 
+def test_prepare_removes_what_a_killed_prepare_left(small_corpus, tmp_path):
+    """A prepare killed (kill -9) while writing leaves atomic_open's temporary beside a
+    cache without meta.json; the next prepare of that cache removes it, saying so."""
+    root = tmp_path / "prepared"
+    directory = prepare(small_corpus, 300, root, log=Lines()).directory
+    (directory / "meta.json").unlink()  # as the killed prepare had left it
+    left = [directory / ".tokens.bin.k1ll3d.tmp", directory / ".meta.json.x7.tmp"]
+    left[0].write_bytes(b"\0" * 200_000)
+    left[1].write_bytes(b"{")
+    log = Lines()
+    again = prepare(small_corpus, 300, root, log=log)
+    assert not any(path.exists() for path in left)
+    assert log.mentions(f"removed 2 temporary file(s) (0.2 MB) that an interrupted prepare "
+                        f"left in {directory}")
+    assert sorted(p.name for p in directory.iterdir()) == ["meta.json", "tokenizer.json",
+                                                           "tokens.bin"]
+    assert again.meta["n_tokens"] > 0
+
+
+def test_a_damaged_cache_met_by_a_resumed_run_is_rebuilt_in_place_with_a_note(small_corpus,
+                                                                               tmp_path):
+    root = tmp_path / "prepared"
+    first = prepare(small_corpus, 300, root, log=Lines())
+    directory, n = first.directory, first.meta["n_tokens"]
+    expected = np.concatenate([first.train_ids, first.val_ids]).copy()
+    resumed = Tokenizer.from_json(first.tokenizer.to_json())  # what a checkpoint holds
+    del first
+    _overwrite_tokens(directory, np.zeros(n))
+    log = Lines()
+    data = prepare(small_corpus, 300, root, tokenizer=resumed, log=log)
+    assert data.directory == directory  # in place, not a second cache beside it
+    assert sorted(p.name for p in root.iterdir()) == [directory.name]
+    assert log.mentions("failed its check (tokens.bin does not match its checksum): "
+                        "rebuilding it")
+    assert np.array_equal(np.concatenate([data.train_ids, data.val_ids]), expected)
+    # a damaged cache of another tokenizer is said and left; the run's tokens go apart
+    del data
+    _overwrite_tokens(directory, np.zeros(n))
+    other = Tokenizer.train([small_corpus.text], vocab_size=290)
+    log = Lines()
+    apart = prepare(small_corpus, 300, root, tokenizer=other, log=log)
+    assert apart.directory.name == f"{small_corpus.sha256[:16]}-tok{other.sha256[:16]}"
+    assert log.mentions(f"token cache {directory} failed its check (tokens.bin does not "
+                        f"match its checksum); it is not this tokenizer's, so it is left")
+
+
 def test_prepare_refuses_tokenizer_larger_than_vocab_size(small_corpus, tmp_path):
     tok = Tokenizer.train([small_corpus.text], vocab_size=320)
     with pytest.raises(FastGPTError, match="320 tokens but vocab_size is 300"):
