@@ -119,6 +119,10 @@ def _from_path(path: Path) -> Corpus:
     if not path.exists():
         raise FastGPTError(
             f"corpus {str(path)!r} is not a file, a directory, or one of: auto, shakespeare, pystdlib")
+    if not (path.is_file() or path.is_dir()):  # /dev/zero would fill memory, a FIFO hang
+        raise FastGPTError(f"corpus {path} is not a regular file or a directory (a device, "
+                           f"FIFO or socket cannot be a corpus): give a UTF-8 text file or a "
+                           f"directory of them")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))

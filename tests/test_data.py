@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import sysconfig
 import urllib.error
@@ -103,6 +104,20 @@ def test_missing_corpus_path_raises(tmp_path):
     assert str(missing) in message
     assert "not a file, a directory" in message
     assert "pystdlib" in message  # lists the named sources
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(),
+                    reason="needs a FIFO and /dev/zero")
+def test_a_device_or_fifo_is_refused_in_one_line(tmp_path):
+    """--corpus /dev/zero read until memory ran out (a MemoryError traceback); a FIFO hung."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        with pytest.raises(FastGPTError) as info:
+            load_corpus(path)
+        assert str(info.value) == (
+            f"corpus {path} is not a regular file or a directory (a device, FIFO or socket "
+            f"cannot be a corpus): give a UTF-8 text file or a directory of them")
 
 
 def test_empty_corpus_file_raises(tmp_path):
