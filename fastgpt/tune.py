@@ -10,7 +10,6 @@ lm_head over micro-batch x context rows, AdamW over the model's parameter shapes
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -20,12 +19,6 @@ from fastgpt.config import TrainConfig
 from fastgpt.ops import dispatch
 
 TUNED_OPS = ("causal_attention", "linear_cross_entropy", "adamw")  # what a step calls
-
-
-def _autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def why_not(op: str, impl: str, device: torch.device) -> str | None:
@@ -40,7 +33,7 @@ def why_not(op: str, impl: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             if dispatch.triton_interpreting() and op != "adamw":
                 return "runs through Triton's interpreter here (for tests): not a candidate"
-            if not dispatch._fused_runs_on(op, device):
+            if not dispatch.fused_runs_on(op, device):
                 return f"needs CUDA tensors, got {device.type} ones"
     return None
 
@@ -63,7 +56,8 @@ def trials(config: TrainConfig, device: torch.device, micro_batch: int,
 
     for op in ops:
         if op == "causal_attention":
-            q, k, v, g = (randn(B, H, T, D, dtype=dtype) for _ in range(4))
+            q, k, v = (randn(B, H, T, D, dtype=dtype) for _ in range(3))
+            g = randn(B, H, T, D, grad=False, dtype=dtype)
             shape = f"q {B}x{H}x{T}x{D} {str(dtype).removeprefix('torch.')}, " \
                     f"dropout {config.dropout}"
 
@@ -74,15 +68,15 @@ def trials(config: TrainConfig, device: torch.device, micro_batch: int,
                     torch.autograd.grad(y, (q, k, v), g)
                 return trial
         elif op == "linear_cross_entropy":
-            hidden, weight, bias = randn(B * T, d), randn(V, d), randn(V)
+            # in the autocast dtype, as lm_head's inputs reach the op under bf16 autocast
+            hidden, weight, bias = (randn(*s, dtype=dtype) for s in ((B * T, d), (V, d), (V,)))
             targets = torch.randint(0, V, (B * T,), device=device, generator=generator)
-            shape = f"hidden {B * T}x{d}, vocab {V}" + (", bf16 autocast" if config.bf16 else "")
+            shape = f"hidden {B * T}x{d} {str(dtype).removeprefix('torch.')}, vocab {V}"
 
             def make(impl, hidden=hidden, weight=weight, bias=bias, targets=targets):
                 def trial():
-                    with _autocast(device, config.bf16):
-                        loss = fastgpt_ops.linear_cross_entropy(hidden, weight, targets, bias,
-                                                                backend=impl)
+                    loss = fastgpt_ops.linear_cross_entropy(hidden, weight, targets, bias,
+                                                            backend=impl)
                     torch.autograd.grad(loss, (hidden, weight, bias))
                 return trial
         elif op == "adamw":

@@ -170,10 +170,10 @@ def test_the_choice_is_recorded_and_honoured_on_resume(tmp_path, corpus_file, mo
     fastest = {"torch": 1.0, "reference": 2.0, "fused": 3.0}  # (AdamW's CPU build, if loaded)
     monkeypatch.setattr(dispatch, "median_ms", lambda trial, device: fastest[trial.implementation])
     seen = []
-    real_forward = tune.dispatch.resolve_backend
+    real_resolve = dispatch.resolve_backend
 
     def recording(op, backend, device=None):
-        chosen = real_forward(op, backend, device)
+        chosen = real_resolve(op, backend, device)
         seen.append((op, chosen))
         return chosen
 

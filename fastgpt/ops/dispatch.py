@@ -3,8 +3,9 @@
 backend name to the implementation that runs.
 
 Backends, per op (fastgpt.backends.BACKENDS):
-  "auto"       the fused kernel when the tensors are on CUDA and the kernel passed its
-               self-check, else the pure-PyTorch reference;
+  "auto"       at a call: the fused kernel when the tensors are on CUDA and the kernel
+               passed its self-check, else the pure-PyTorch reference; `fastgpt train`
+               measures instead (choose, below; fastgpt/tune.py) and sets the names;
   "reference"  always the reference (fastgpt/ops/reference.py), the maths written out;
   "torch"      PyTorch's own op (fastgpt.backends.TORCH_OPS): SDPA, F.cross_entropy,
                torch's fused AdamW;
@@ -243,7 +244,7 @@ def available() -> dict[str, tuple[bool, str]]:
     return {op: status(op) for op in KERNELS}
 
 
-def _fused_runs_on(op: str, device: torch.device) -> bool:
+def fused_runs_on(op: str, device: torch.device) -> bool:
     """Beyond CUDA tensors: the Triton kernel under the interpreter, AdamW's CPU build."""
     if device.type == "cuda":
         return True
@@ -289,7 +290,7 @@ def _resolve(op: str, backend: str, device: torch.device | None) -> str:
         return "fused" if ok and on_cuda else "reference"
     if not ok:
         raise BackendUnavailable(f"fused {op} cannot run: {why}")
-    if device is not None and not _fused_runs_on(op, device):
+    if device is not None and not fused_runs_on(op, device):
         raise BackendUnavailable(f"fused {op} needs CUDA tensors, got {device} ones")
     return "fused"
 
