@@ -31,12 +31,10 @@ def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
     """
     device = params[0].device
     chosen = dispatch.resolve_backend("adamw", backend, device)
-    if chosen == "torch" and any(p.dtype != torch.float32 for p in params):
-        if (backend or dispatch.get_backend("adamw")) == "torch":
-            raise ValueError("torch's fused AdamW keeps its moments in the parameters' dtype; "
-                             "with fastgpt's float32 moments it takes float32 parameters "
-                             f"only, got {sorted({str(p.dtype) for p in params})}")
-        chosen = "reference"
+    if chosen == "torch" and any(p.dtype != torch.float32 for p in params):  # asked for
+        raise ValueError("torch's fused AdamW keeps its moments in the parameters' dtype; "
+                         "with fastgpt's float32 moments it takes float32 parameters only, "
+                         f"got {sorted({str(p.dtype) for p in params})}")
     if chosen == "fused":
         lr_tensor = None
         if isinstance(lr, torch.Tensor):
