@@ -56,7 +56,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 from fastgpt import ops  # noqa: E402
 from fastgpt.config import make_config  # noqa: E402
-from fastgpt.data import BatchStream, NextTokenDataset, load_corpus  # noqa: E402
+from fastgpt.corpus import load_corpus  # noqa: E402
+from fastgpt.data import BatchStream, NextTokenDataset  # noqa: E402
 from fastgpt.model import GPT, CausalSelfAttention  # noqa: E402
 from fastgpt.optim import AdamW, param_groups  # noqa: E402
 from fastgpt.train import autocast, estimate_loss, train_step, training_module  # noqa: E402
@@ -136,7 +137,7 @@ def measure_peak_flops(device: torch.device) -> tuple[float, str]:
 
 def byte_tokens(corpus: str) -> tuple[np.ndarray, np.ndarray]:
     """The corpus's UTF-8 bytes as uint16 token ids, split 90/10 into train and val."""
-    ids = np.frombuffer(load_corpus(corpus, log=lambda _: None).text.encode("utf-8"),
+    ids = np.frombuffer(load_corpus(corpus, log=lambda _: None).read_text().encode("utf-8"),
                         dtype=np.uint8).astype(np.uint16)
     split = int(len(ids) * 0.9)
     return ids[:split], ids[split:]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from fastgpt import FastGPTError
 from fastgpt.backends import parse_backend
-from fastgpt.tokenizer import BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE
+from fastgpt.tokenizer import (BYTE_ALPHABET_SIZE, MAX_VOCAB_SIZE, TOKENIZER_TRAIN_BYTES,
+                               Tokenizer, padded_vocab_size)
 
 
 # The fields that fix the shapes of the model's parameters.
@@ -36,6 +37,8 @@ class TrainConfig:
     device: str = "auto"
     corpus: str = "auto"
     data_dir: str = ""
+    tokenizer: str = ""
+    tokenizer_train_bytes: int = TOKENIZER_TRAIN_BYTES
     vocab_size: int = 512
     context_length: int = 256
     d_model: int = 384
@@ -60,6 +63,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 50
     log_interval: int = 10
+    tensorboard: bool = False
     patience: int = 0
     backend: str = ""
     dist_timeout: float = 600.0
@@ -68,7 +72,7 @@ class TrainConfig:
         """Raise FastGPTError naming the first field that makes no sense."""
         positive = ["vocab_size", "context_length", "d_model", "num_heads", "num_layers",
                     "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                    "log_interval"]
+                    "log_interval", "tokenizer_train_bytes"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise FastGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -79,7 +83,7 @@ class TrainConfig:
         if not BYTE_ALPHABET_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise FastGPTError(
                 f"vocab_size must be between {BYTE_ALPHABET_SIZE} (the byte alphabet) and "
-                f"{MAX_VOCAB_SIZE} (tokens are stored as uint16), got {self.vocab_size}")
+                f"{MAX_VOCAB_SIZE:,}, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ["lr", "eps", "dist_timeout"]:
@@ -123,7 +127,11 @@ FIELD_HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "corpus": "auto | shakespeare | pystdlib | a UTF-8 text file or a directory of them",
     "data_dir": "token cache directory (empty: the user cache dir)",
-    "vocab_size": "byte-level BPE vocabulary size (256..65536)",
+    "tokenizer": "a HuggingFace tokenizer.json to use instead of training one (GPT-2's, "
+                 "say); vocab_size then defaults to its size padded to a multiple of 64",
+    "tokenizer_train_bytes": "the trained tokenizer learns from the corpus's first this "
+                             "many bytes (all of it, if smaller)",
+    "vocab_size": "the model's vocabulary: the trained byte-level BPE's size (256..1048576)",
     "context_length": "tokens per training sequence",
     "d_model": "model width",
     "num_heads": "attention heads (must divide d_model)",
@@ -148,6 +156,8 @@ FIELD_HELP = {
     "eval_interval": "steps between estimate_loss evals (and checkpoints)",
     "eval_batches": "batches of each split per eval (at most)",
     "log_interval": "steps between train-loss records in metrics.jsonl",
+    "tensorboard": "also write metrics.jsonl's scalars as TensorBoard event files in "
+                   "runs_dir/name/tensorboard/ (pip install \"fastgpt[tensorboard]\")",
     "patience": "stop after this many evals without a better val loss (0: off)",
     "backend": "auto | reference | torch | fused for every op, or per op: "
                "linear_cross_entropy=fused,adamw=torch (others auto); empty: "
@@ -206,6 +216,15 @@ def make_config(preset: str = "seed", overrides: dict | None = None) -> TrainCon
         raise FastGPTError(
             f"unknown preset {preset!r}; {guess}choose one of: {', '.join(PRESETS)}")
     values = {"name": preset, **PRESETS[preset], **(overrides or {})}
+    if values.get("tokenizer"):  # the model's vocabulary comes from the file
+        tokens = Tokenizer.load(values["tokenizer"]).vocab_size
+        if "vocab_size" not in (overrides or {}):
+            values["vocab_size"] = padded_vocab_size(tokens)
+        elif values["vocab_size"] < tokens:
+            raise FastGPTError(
+                f"vocab_size {values['vocab_size']:,} cannot hold the {tokens:,} tokens of "
+                f"{values['tokenizer']}: leave --vocab_size out (it becomes "
+                f"{padded_vocab_size(tokens):,}) or give at least {tokens:,}")
     config = TrainConfig.from_dict(values)
     config.validate()
     return config

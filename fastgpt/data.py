@@ -1,29 +1,11 @@
-"""Corpus sources, the token cache (`prepare`), the 90/10 split and next-token batches
-(BatchStream: the training's, resumable).
-
-Corpus sources:
-  shakespeare  tiny-shakespeare (1,115,394 bytes), downloaded once into the cache dir and
-               verified by sha256
-  pystdlib     offline and present everywhere: the top-level .py modules of the running
-               Python's standard library, sorted by name and concatenated
-  PATH         a UTF-8 text file, or a directory whose files (recursively, sorted by path,
-               hidden ones skipped) are all UTF-8 text, concatenated
-  auto         shakespeare if cached or downloadable, else pystdlib
-
-Text that is not valid UTF-8 is refused with the file and byte offset, never guessed at or
-silently repaired: convert it first (e.g. `iconv -f latin1 -t utf-8`).
+"""What a training run reads: its corpus and prepared tokens (load_run_data), and
+next-token batches from them (NextTokenDataset; BatchStream: the training's, resumable).
+The token cache itself is fastgpt/token_cache.py, the corpus sources fastgpt/corpus.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import json
-import sysconfig
-import urllib.request
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,299 +14,11 @@ import torch
 from torch.utils.data import Dataset
 
 from fastgpt import FastGPTError, distributed
-from fastgpt.fileio import atomic_open, cache_dir, write_atomic
+from fastgpt.corpus import Corpus, load_corpus
+from fastgpt.token_cache import PreparedData, TokenIds, prepare
 from fastgpt.tokenizer import Tokenizer
 
-SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHAKESPEARE_FILE = "tinyshakespeare.txt"  # in cache_dir()
-DOWNLOAD_TIMEOUT_S = 20
-VAL_FRACTION = 0.1
-CACHE_FORMAT = 2  # bump when the layout of a prepared cache changes (2: checksum, id range)
-CHECK_CHUNK = 1 << 22  # ids per step of the cache check: 8 MiB, whatever the file's size
-
 Log = Callable[[str], None]
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class Corpus:
-    name: str
-    text: str
-
-    @functools.cached_property
-    def sha256(self) -> str:
-        return sha256_hex(self.text.encode("utf-8"))
-
-
-def load_corpus(spec: str = "auto", log: Log = print) -> Corpus:
-    """Resolve a corpus source (see the module docstring) to its text."""
-    if spec == "auto":
-        try:
-            corpus = _shakespeare(log)
-        except FastGPTError as exc:
-            log(f"corpus: pystdlib (offline fallback: {exc})")
-            return _pystdlib()
-        log("corpus: shakespeare (auto: found or downloaded)")
-        return corpus
-    if spec == "shakespeare":
-        try:
-            return _shakespeare(log)
-        except FastGPTError as exc:  # offline, or a bad download: say how to go on without it
-            raise FastGPTError(
-                f"{exc}; a copy placed at {cache_dir() / SHAKESPEARE_FILE} is used instead "
-                f"(checked by sha256), or --corpus PATH trains on any UTF-8 text file or "
-                f"directory (--corpus pystdlib works offline)") from None
-    if spec == "pystdlib":
-        return _pystdlib()
-    return _from_path(Path(spec))
-
-
-def _shakespeare(log: Log) -> Corpus:
-    path = cache_dir() / SHAKESPEARE_FILE
-    if path.is_file():
-        data = path.read_bytes()
-        if sha256_hex(data) == SHAKESPEARE_SHA256:
-            return Corpus("shakespeare", data.decode("utf-8"))
-        log(f"{path} does not match the expected sha256; downloading it again")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read()
-    except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
-        raise FastGPTError(f"cannot download tiny-shakespeare from {SHAKESPEARE_URL} "
-                           f"({getattr(exc, 'reason', None) or exc})") from None
-    if sha256_hex(data) != SHAKESPEARE_SHA256:
-        raise FastGPTError(
-            f"the download from {SHAKESPEARE_URL} has the wrong sha256 ({sha256_hex(data)[:16]}…); "
-            f"not using it")
-    write_atomic(path, data)
-    log(f"downloaded tiny-shakespeare to {path}")
-    return Corpus("shakespeare", data.decode("utf-8"))
-
-
-def _pystdlib() -> Corpus:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"), key=lambda p: p.name)
-    text = "".join(_read_utf8(p) for p in files)
-    if not text:
-        raise FastGPTError(f"no .py modules found in the standard library at {stdlib}")
-    return Corpus("pystdlib", text)
-
-
-def _from_path(path: Path) -> Corpus:
-    if not path.exists():
-        raise FastGPTError(
-            f"corpus {str(path)!r} is not a file, a directory, or one of: auto, shakespeare, pystdlib")
-    if not (path.is_file() or path.is_dir()):  # /dev/zero would fill memory, a FIFO hang
-        raise FastGPTError(f"corpus {path} is not a regular file or a directory (a device, "
-                           f"FIFO or socket cannot be a corpus): give a UTF-8 text file or a "
-                           f"directory of them")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise FastGPTError(f"corpus directory {path} has no (non-hidden) files")
-    else:
-        files = [path]
-    text = "".join(_read_utf8(p) for p in files)
-    if not text:
-        raise FastGPTError(f"corpus {path} is empty")
-    return Corpus(str(path), text)
-
-
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FastGPTError(
-            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
-
-
-@dataclass
-class PreparedData:
-    """A tokenized corpus: the tokenizer, the token ids (uint16 memmaps) and the cache meta."""
-    tokenizer: Tokenizer
-    train_ids: np.ndarray
-    val_ids: np.ndarray
-    meta: dict
-    directory: Path
-
-
-def prepare(corpus: Corpus, vocab_size: int, data_dir: str | Path | None = None,
-            tokenizer: Tokenizer | None = None, log: Log = print) -> PreparedData:
-    """Train (or take) the tokenizer, encode the corpus once and cache the ids.
-
-    The cache for (corpus, vocab_size) lives in data_dir/<corpus sha256[:16]>-v<vocab_size>:
-    tokens.bin (uint16 ids), tokenizer.json and meta.json. meta.json is written last, so a
-    cache without one is half-written and rebuilt, never read. A cache with one is used only
-    if it passes `_read_cache`'s check (meta.json matches the corpus, the tokenizer and
-    itself; tokens.bin its size, crc32 and id range); one that fails is rebuilt with a
-    one-line note. Passing `tokenizer` (as a resumed run does) reuses a cache only if it was
-    built with that exact tokenizer.
-    """
-    root = Path(data_dir) if data_dir else cache_dir() / "prepared"
-    directory = root / f"{corpus.sha256[:16]}-v{vocab_size}"
-    cached, problem = _read_cache(directory, corpus, vocab_size)
-    if tokenizer is not None and (cached is None or cached.tokenizer.sha256 != tokenizer.sha256):
-        # another tokenizer's tokens go to a cache of their own; a damaged cache of this very
-        # tokenizer (a resumed run's, as a rule) is rebuilt in place, below
-        if not (problem and _tokenizer_sha256(directory) == tokenizer.sha256):
-            if problem:
-                log(f"token cache {directory} failed its check ({problem}); it is not this "
-                    f"tokenizer's, so it is left as it is")
-            directory = root / f"{corpus.sha256[:16]}-tok{tokenizer.sha256[:16]}"
-            cached, problem = _read_cache(directory, corpus, vocab_size)
-    if cached is not None and (tokenizer is None or cached.tokenizer.sha256 == tokenizer.sha256):
-        return cached
-    if problem:
-        log(f"token cache {directory} failed its check ({problem}): rebuilding it")
-
-    if tokenizer is None:
-        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {corpus.name}")
-        tokenizer = Tokenizer.train([corpus.text], vocab_size)
-    if tokenizer.vocab_size > vocab_size:
-        raise FastGPTError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {vocab_size}")
-    log(f"encoding {len(corpus.text):,} characters")
-    ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.uint16)
-    n_val = int(len(ids) * VAL_FRACTION)
-    crc32, id_min, id_max = _checksum_and_range([ids])
-    meta = {
-        "format": CACHE_FORMAT,
-        "corpus": corpus.name,
-        "corpus_sha256": corpus.sha256,
-        "corpus_chars": len(corpus.text),
-        "vocab_size": vocab_size,
-        "tokenizer_vocab_size": tokenizer.vocab_size,
-        "tokenizer_sha256": tokenizer.sha256,
-        "n_tokens": len(ids),
-        "n_train": len(ids) - n_val,
-        "n_val": n_val,
-        "dtype": "uint16",
-        "tokens_crc32": crc32,
-        "id_min": id_min,
-        "id_max": id_max,
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "meta.json").unlink(missing_ok=True)  # invalidate before touching the rest
-    _remove_temporaries(directory, log)
-    with atomic_open(directory / "tokens.bin") as f:
-        f.write(ids.tobytes())
-    tokenizer.save(directory / "tokenizer.json")
-    write_atomic(directory / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    log(f"cached {len(ids):,} tokens in {directory}")
-    return _prepared(tokenizer, directory, meta)
-
-
-def _tokenizer_sha256(directory: Path) -> str | None:
-    """The sha256 of the tokenizer.json in a cache directory, None if it cannot be read."""
-    try:
-        return Tokenizer.load(directory / "tokenizer.json").sha256
-    except (OSError, FastGPTError):
-        return None
-
-
-def _remove_temporaries(directory: Path, log: Log) -> None:
-    """Remove what an interrupted prepare left in `directory`: atomic_open's temporaries
-    (.tokens.bin.*.tmp and the like: up to a whole tokens.bin each, after a kill -9). The
-    cache's meta.json is already gone here: a prepare running beside this one on the same
-    cache would have been rebuilding it too, and its write fails with a one-line error."""
-    stale = [path for path in directory.glob(".*.tmp") if path.is_file()]
-    freed = 0
-    for path in stale:
-        with contextlib.suppress(FileNotFoundError):
-            freed += path.stat().st_size
-            path.unlink()
-    if stale:
-        log(f"removed {len(stale)} temporary file(s) ({freed / 1e6:.1f} MB) that an "
-            f"interrupted prepare left in {directory}")
-
-
-def _read_cache(directory: Path, corpus: Corpus, vocab_size: int
-                ) -> tuple[PreparedData | None, str]:
-    """The cache in `directory` if it passes the check, else None and why ("" if it has no
-    meta.json: absent or half-written).
-
-    The check reads tokens.bin once, in CHECK_CHUNK steps, for its crc32 and id range. crc32
-    because it was the fastest checksum measured and its job is accidental damage (a file
-    zeroed, truncated or overwritten), not tampering: whoever can write tokens.bin can
-    rewrite meta.json too. Measured on the 2-core CI machine, page cache warm:
-      tiny-shakespeare, 575,345 ids (1.15 MB): crc32 0.22-0.27 ms (sha256 0.63-0.65,
-        blake2b 1.20), min+max 0.02 ms; the whole _read_cache 1.0-1.1 ms against a prepare
-        of 0.96-1.1 s (0.1%)
-      a ~1 GB corpus, 400M ids (800 MB): the chunked crc32 + min + max 0.22-0.46 s (two
-        sessions; sha256 alone 0.70 s) against a prepare of ~13-22 min (tokenizer training
-        450-580 s/GB, encoding 300-740 s/GB, timed on 1.1 and 8.9 MB): <0.1%
-    """
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except FileNotFoundError:
-        return None, ""
-    except (OSError, ValueError):
-        return None, "meta.json is unreadable"
-    try:
-        tokenizer = Tokenizer.load(directory / "tokenizer.json")
-    except (OSError, FastGPTError):
-        return None, "tokenizer.json is missing or unreadable"
-    if not isinstance(meta, dict):
-        return None, "meta.json is not an object"
-    expected = {"format": CACHE_FORMAT, "corpus_sha256": corpus.sha256,
-                "corpus_chars": len(corpus.text), "vocab_size": vocab_size,
-                "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
-                "dtype": "uint16"}
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            return None, f"meta.json has {key} {meta.get(key)!r}, not {value!r}"
-    n, n_train, n_val = (meta.get(key) for key in ("n_tokens", "n_train", "n_val"))
-    if not (all(type(count) is int and count >= 0 for count in (n, n_train, n_val))
-            and n_val == int(n * VAL_FRACTION) and n_train + n_val == n):
-        return None, f"meta.json's n_tokens {n!r}, n_train {n_train!r}, n_val {n_val!r} disagree"
-    tokens_path = directory / "tokens.bin"
-    try:
-        size = tokens_path.stat().st_size
-    except OSError:
-        return None, "tokens.bin is missing"
-    if size != 2 * n:
-        return None, f"tokens.bin has {size:,} bytes, not 2 x {n:,} tokens"
-    data = _prepared(tokenizer, directory, meta)
-    crc32, id_min, id_max = _checksum_and_range(  # train then val: the whole file, in order
-        part[i:i + CHECK_CHUNK] for part in (data.train_ids, data.val_ids)
-        for i in range(0, len(part), CHECK_CHUNK))
-    if id_max is not None and id_max >= tokenizer.vocab_size:
-        return None, f"tokens.bin holds id {id_max}, beyond the tokenizer's {tokenizer.vocab_size}"
-    if crc32 != meta.get("tokens_crc32"):
-        return None, "tokens.bin does not match its checksum"
-    if (id_min, id_max) != (meta.get("id_min"), meta.get("id_max")):
-        return None, (f"tokens.bin holds ids {id_min}..{id_max}, meta.json says "
-                      f"{meta.get('id_min')!r}..{meta.get('id_max')!r}")
-    return data, ""
-
-
-def _checksum_and_range(chunks: Iterable[np.ndarray]) -> tuple[int, int | None, int | None]:
-    """The crc32 of the uint16 ids in `chunks` (in order) and their min and max (None if
-    there are none)."""
-    crc32, id_min, id_max = 0, None, None
-    for chunk in chunks:
-        if len(chunk):
-            crc32 = zlib.crc32(chunk, crc32)
-            low, high = int(chunk.min()), int(chunk.max())
-            id_min = low if id_min is None else min(id_min, low)
-            id_max = high if id_max is None else max(id_max, high)
-    return crc32, id_min, id_max
-
-
-def _prepared(tokenizer: Tokenizer, directory: Path, meta: dict) -> PreparedData:
-    """tokens.bin as a uint16 memmap, split at meta's n_train."""
-    ids = (np.memmap(directory / "tokens.bin", dtype=np.uint16, mode="r") if meta["n_tokens"]
-           else np.zeros(0, dtype=np.uint16))  # numpy cannot memmap an empty file
-    n_train = meta["n_train"]
-    return PreparedData(tokenizer, ids[:n_train], ids[n_train:], meta, directory)
 
 
 def check_corpus(checkpoint: dict, path: Path, corpus: Corpus) -> None:
@@ -357,8 +51,15 @@ def load_run_data(config, ctx: distributed.Context, device: torch.device,
         corpus = load_corpus(corpus_spec, log=log)
         if checkpoint:
             check_corpus(checkpoint, checkpoint_path, corpus)
-        tokenizer = Tokenizer.from_json(checkpoint["tokenizer"]) if checkpoint else None
-        prepared = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer, log=log)
+        if checkpoint:
+            tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
+        else:
+            tokenizer = Tokenizer.load(config.tokenizer) if config.tokenizer else None
+        if tokenizer is not None and tokenizer.vocab_size < config.vocab_size and ctx.is_main:
+            log(f"vocab_size {config.vocab_size:,}: the tokenizer's {tokenizer.vocab_size:,} "
+                f"tokens, padded (the lm_head's extra rows are never a target)")
+        prepared = prepare(corpus, config.vocab_size, config.data_dir or None, tokenizer,
+                           log=log, tokenizer_train_bytes=config.tokenizer_train_bytes)
     if not distributed.same_on_every_rank(
             ctx, (corpus.sha256, prepared.tokenizer.sha256, len(prepared.train_ids))):
         raise FastGPTError("the ranks do not see the same corpus and tokens: runs_dir and "
@@ -377,17 +78,20 @@ class NextTokenDataset(Dataset):
     """Item i is (x, y) = (ids[i:i+T], ids[i+1:i+T+1]) as int64 tensors of shape (T,);
     batch(starts) reads many windows at once.
 
-    token_ids: a 1-D sequence of integer ids >= 0: a numpy array, a list or tuple, or a torch
-    tensor (made a numpy array once, on the CPU). A memmap is kept, not copied: only the
-    windows being read are loaded, and it is not scanned for negative ids (the token cache's
-    check covers its ids). Anything else raises TypeError (not a sequence of integers) or
+    token_ids: a 1-D sequence of integer ids >= 0: a prepared cache's TokenIds, a numpy
+    array, a list or tuple, or a torch tensor (made a numpy array once, on the CPU). TokenIds
+    and memmaps are kept, not copied: only the windows being read are loaded (a window may
+    span two shards), and they are not scanned for negative ids (the token cache's check
+    covers its ids). Anything else raises TypeError (not a sequence of integers) or
     ValueError (not 1-D, negative ids).
     """
 
     def __init__(self, token_ids: np.ndarray | torch.Tensor | Sequence[int], context_length: int,
                  split: str = "data"):
         given = type(token_ids).__name__
-        if isinstance(token_ids, torch.Tensor):
+        if isinstance(token_ids, TokenIds):
+            pass
+        elif isinstance(token_ids, torch.Tensor):
             dtype = token_ids.dtype
             if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
                 raise TypeError(f"token_ids must be integers, got {given} with dtype {dtype}")
@@ -405,7 +109,7 @@ class NextTokenDataset(Dataset):
             raise TypeError(f"token_ids must be integers, got {given} with dtype {token_ids.dtype}")
         if token_ids.ndim != 1:
             raise ValueError(f"token_ids must be 1-D, got {given} with shape {token_ids.shape}")
-        if (token_ids.dtype.kind == "i" and not isinstance(token_ids, np.memmap)
+        if (token_ids.dtype.kind == "i" and not isinstance(token_ids, (np.memmap, TokenIds))
                 and len(token_ids) and token_ids.min() < 0):
             raise ValueError(f"token ids must be >= 0, got {token_ids.min()} in {given}")
         if len(token_ids) < context_length + 1:
@@ -421,7 +125,8 @@ class NextTokenDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} windows")
-        window = torch.from_numpy(self.token_ids[i:i + self.context_length + 1].astype(np.int64))
+        window = torch.from_numpy(
+            self.token_ids[np.arange(i, i + self.context_length + 1)].astype(np.int64))
         return window[:-1], window[1:]
 
     def batch(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,10 @@
 """runs/NAME/metrics.jsonl, one JSON record per line, and its plot, loss.png.
 
-  {"kind": "train", "step", "loss", "lr", "tokens_per_s"}  every log_interval steps
+  {"kind": "train", "step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm"}  every log step
   {"kind": "eval", "step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s"}
+
+"mfu" (model FLOPs utilization, see MFU) only on a GPU that PEAK_BF16_FLOPS knows;
+"grad_norm" (the global gradient norm before clipping) only with grad_clip.
 """
 
 from __future__ import annotations
@@ -9,18 +12,27 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastgpt import FastGPTError
 from fastgpt.fileio import atomic_open, write_atomic
 
+if TYPE_CHECKING:
+    import torch
 
-def append(path: Path, record: dict, sync: bool = False) -> None:
+    from fastgpt.config import TrainConfig
+
+
+def append(path: Path, record: dict, sync: bool = False) -> dict:
+    """Append `record` to metrics.jsonl; returns it (for the TensorBoard mirror)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         if sync:  # before a checkpoint: the metrics it covers reach the disk first
             f.flush()
             os.fsync(f.fileno())
+    return record
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -90,3 +102,71 @@ def plot_losses(metrics_path: Path, png_path: Path, vocab_size: int) -> bool:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return True
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s (FP32 accumulate) of one GPU, keyed by
+# what torch.cuda.get_device_name() returns. From NVIDIA's datasheets, which print the
+# sparse figure (marked *): half of it is the dense one; the Hopper, Ada and GA102
+# whitepapers print both. A name not here (another GPU, a MIG slice) gets no MFU.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5 (Hopper whitepaper; datasheet 1,979*)
+    "NVIDIA H100 PCIe": 756.5e12,       # H100 datasheet: 1,513*
+    "NVIDIA H100 NVL": 835.5e12,        # H100 datasheet (2024): 1,671*
+    "NVIDIA H200": 989.5e12,            # H200 SXM, H200 datasheet: 1,979*
+    "NVIDIA H200 NVL": 835.5e12,        # H200 datasheet: 1,671*
+    "NVIDIA A100-SXM4-40GB": 312e12,    # A100 datasheet: 312 (624*), SXM and PCIe alike
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362.05e12,           # L40S datasheet: 362.05 (733*)
+    "NVIDIA L4": 121e12,                # L4 datasheet: 242*
+    "NVIDIA A10": 125e12,               # A10 datasheet: 125 (250*)
+    "NVIDIA GeForce RTX 4090": 165.2e12,  # Ada whitepaper, FP32 accumulate: 165.2 (330.4*)
+    "NVIDIA GeForce RTX 3090": 71e12,     # GA102 whitepaper, FP32 accumulate: 71 (142*)
+}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the GPU so named, or None for one not in the table."""
+    return PEAK_BF16_FLOPS.get(device_name)
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """peak_bf16_flops of `device`: None on a CPU (or any device but a known CUDA GPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
+
+
+def flops_per_token(config: TrainConfig, n_params: int) -> int:
+    """Training FLOPs per token, forward and backward, as nanoGPT's estimate_mfu (after
+    PaLM's appendix B): 6 N + 12 num_layers d_model context_length, the second term the
+    attention's score and value matmuls. N counts the parameters that multiply: all but
+    the token and position embeddings, which are lookups (the lm_head is a matmul and
+    counts). Biases and LayerNorms count too; they are a rounding error."""
+    n = n_params - (config.vocab_size + config.context_length) * config.d_model
+    return 6 * n + 12 * config.num_layers * config.d_model * config.context_length
+
+
+@dataclass(frozen=True)
+class MFU:
+    """Model FLOPs utilization: tokens/s x flops_per_token over peak_flops, the dense bf16
+    peak of all the run's GPUs together (its tokens/s are the whole run's). Measured
+    against the bf16 peak whether or not the run trains in bf16."""
+    flops_per_token: int
+    peak_flops: float
+
+    def __call__(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / self.peak_flops
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, n_params: int, device: torch.device,
+                world_size: int = 1) -> "MFU | None":
+        """The run's MFU, or None where the device's peak is unknown (a CPU, a GPU not in
+        PEAK_BF16_FLOPS): no MFU rather than a guess. Every rank is taken to be a GPU like
+        `device`."""
+        peak = device_peak_flops(device)
+        if peak is None:
+            return None
+        return cls(flops_per_token(config, n_params), peak * world_size)

@@ -70,6 +70,9 @@ class AdamW(torch.optim.Optimizer):
         resolve_backend("adamw", backend)  # an unknown name, or "fused" with no kernel: now
         self.backend = backend
         self.max_grad_norm = max_grad_norm
+        # where clipping: the last step's global gradient norm, before clipping, a float32
+        # tensor on the device (reading it waits for the step); else None
+        self.grad_norm: torch.Tensor | None = None
         self.capturable = capturable
         self._batches: dict[tuple[int, torch.device], _Batch] = {}
         self._device_steps: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -202,6 +205,7 @@ class AdamW(torch.optim.Optimizer):
         norms = [norm for group in groups.values()
                  for norm in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
         total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+        self.grad_norm = total  # read by training at its log steps, with the loss
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(torch.float32)
 
 

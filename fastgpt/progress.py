@@ -20,6 +20,8 @@ from fastgpt.config import TrainConfig
 if TYPE_CHECKING:
     import torch
 
+    from fastgpt.metrics import MFU
+
 Log = Callable[[str], None]
 
 
@@ -81,11 +83,12 @@ class StopSignals:
 
 class ProgressReport:
     """The tqdm bar (show None: only on a terminal; elsewhere a line per log step), the
-    tokens per second of each log step, and once, early on, how long the run will take."""
+    tokens per second of each log step (and its MFU, where `mfu` knows the GPU's peak), and
+    once, early on, how long the run will take."""
 
     def __init__(self, config: TrainConfig, step: int, device: torch.device, log: Log,
-                 show: bool | None):
-        self.config, self.device, self.log = config, device, log
+                 show: bool | None, mfu: MFU | None = None):
+        self.config, self.device, self.log, self.mfu = config, device, log, mfu
         self.bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                         disable=None if show is None else not show)
         self.timer = StepTimer()
@@ -102,19 +105,25 @@ class ProgressReport:
         self.timer.stepped()
         self.bar.update(1)
 
-    def logged(self, step: int, loss: float, eval_s: float | None) -> float:
+    def logged(self, step: int, loss: float, eval_s: float | None) -> dict[str, float]:
         """A log step's loss shown (eval_s: the last eval's seconds, if any); returns the
-        tokens per second since the last log step."""
+        train record's rates since the last log step: tokens_per_s, and mfu where known."""
         tokens_per_s = self.timer.window_steps * self.tokens_per_step / self.timer.take_window()
+        rates = {"tokens_per_s": round(tokens_per_s, 1)}
+        mfu = None if self.mfu is None else self.mfu(tokens_per_s)
+        if mfu is not None:
+            rates["mfu"] = round(mfu, 4)
         if self.bar.disable:  # no bar (not a terminal): a line instead
-            self.log(f"step {step:>6}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s")
+            self.log(f"step {step:>6}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s"
+                     + ("" if mfu is None else f", MFU {mfu:.1%}"))
         else:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                 **({} if mfu is None else {"MFU": f"{mfu:.1%}"}))
         step_s = self.timer.seconds_per_step()
         if step_s is not None and not self._eta_said:
             self._eta_said = True
             self.log(eta_line(step, self.config, step_s, eval_s, self.device))
-        return tokens_per_s
+        return rates
 
 
 class StepTimer:
@@ -202,3 +211,34 @@ def _duration(seconds: float) -> str:
     if minutes < 120:
         return f"{minutes} min"
     return f"{minutes // 60} h {minutes % 60} min"
+
+
+class ByteProgress:
+    """A pass over `total` bytes (a corpus being prepared): a tqdm bar with MB/s and an ETA
+    on a terminal, elsewhere a line every LINE_EVERY_S seconds. reached(n): n bytes done."""
+
+    LINE_EVERY_S = 60.0
+
+    def __init__(self, what: str, total: int, log: Log):
+        self.what, self.total, self.log = what, total, log
+        self.bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1000,
+                        dynamic_ncols=True, disable=None)
+        self.started = self.last_line = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def reached(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+        now = time.perf_counter()
+        if self.bar.disable and now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = now
+            rate = done / max(now - self.started, 1e-9)
+            left = (self.total - done) / rate if rate > 0 else math.inf
+            self.log(f"{self.what}: {done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB "
+                     f"({rate / 1e6:.2f} MB/s), about {_duration(left)} to go")

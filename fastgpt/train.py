@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt import FastGPTError, distributed, metrics, ops, tune
+from fastgpt import FastGPTError, distributed, metrics, ops, tensorboard, tune
 from fastgpt.checkpoint import (check_new_run, check_resumable, load_resumable,
                                 restore_rng, restore_training, rng_state, save_checkpoint,
                                 write_run_info)
@@ -178,6 +178,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             device = distributed.pick_device(config.device)
         if resume:  # before the lock creates the directory
             check_resumable(run)
+        tensorboard.require(config.tensorboard and ctx.is_main)
         with StopSignals(console.log) as signals:
             if ctx.is_main:
                 run.lock()
@@ -226,6 +227,8 @@ class _Training:
             self._restore(checkpoint)
         elif ctx.is_main:
             run.directory.mkdir(parents=True, exist_ok=True)
+        self.board = tensorboard.Board(run.directory if config.tensorboard and ctx.is_main
+                                       else None, self.progress.step if checkpoint else None)
         self._describe()
 
     # --- setup -----------------------------------------------------------------------
@@ -262,6 +265,7 @@ class _Training:
         """config.json, and what is about to train on what."""
         config, ctx, corpus, device = self.config, self.ctx, self.corpus, self.device
         n_params = self.model.num_parameters()
+        self.mfu = metrics.MFU.for_run(config, n_params, device, ctx.world_size)
         if ctx.is_main:
             write_run_info(self.run_dir.config, config, corpus, self.tokenizer,
                            parameters=n_params, device=str(device), world_size=ctx.world_size,
@@ -316,11 +320,11 @@ class _Training:
                                 f"stopped. " + _last_good(run.last))
         improved = progress.evaluated(losses["val"])
         if self.ctx.is_main:
-            metrics.append(run.metrics, {
+            self.board.add(metrics.append(run.metrics, {
                 "kind": "eval", "step": progress.step, "train_loss": losses["train"],
                 "val_loss": losses["val"], "lr": lr_at(max(progress.step - 1, 0), config),
                 "tokens_seen": progress.tokens_seen,
-                "elapsed_s": round(time.perf_counter() - self.start_time, 3)}, sync=True)
+                "elapsed_s": round(time.perf_counter() - self.start_time, 3)}, sync=True))
             if not metrics.plot_losses(run.metrics, run.plot, config.vocab_size):
                 self.console.once("matplotlib is not installed: loss.png is not drawn "
                                   "(pip install matplotlib)")
@@ -348,8 +352,9 @@ class _Training:
         elif progress.step >= config.max_steps:
             self.log(f"{self.run_dir.directory} already reached max_steps={config.max_steps}; "
                      f"pass a larger --max_steps with --resume to train further")
-        with ProgressReport(config, progress.step, self.device, self.log,
-                            show_bar if ctx.is_main else False) as report:
+        with (ProgressReport(config, progress.step, self.device, self.log,
+                             show_bar if ctx.is_main else False, self.mfu) as report,
+              contextlib.closing(self.board)):  # closed however the loop ends
             while stopped is None and progress.step < config.max_steps:
                 lr = lr_at(progress.step, config)
                 for group in self.optimizer.param_groups:
@@ -368,17 +373,20 @@ class _Training:
 
                 log_now = progress.step % config.log_interval == 0 or progress.step == config.max_steps
                 stop_requested = self.stop_requested()
-                if log_now or stop_requested:  # not every step: .item() waits for the GPU
-                    value = distributed.all_reduce_sum(ctx, step_loss.float()).item() / ctx.world_size
+                if log_now or stop_requested:  # not every step: reading waits for the GPU
+                    norm = self.optimizer.grad_norm  # where clipping: read in the same wait
+                    value, *norm = torch.stack([distributed.all_reduce_sum(ctx, step_loss.float())]
+                                               + ([norm] if norm is not None else [])).tolist()
+                    value /= ctx.world_size
                     if not math.isfinite(value):
                         raise NonFiniteLoss(f"training loss is {value} at step {progress.step}; "
                                             f"stopped. " + _last_good(self.run_dir.last))
                 if log_now:
-                    tokens_per_s = report.logged(progress.step, value, self.last_eval_s)
+                    rates = report.logged(progress.step, value, self.last_eval_s)
                     if ctx.is_main:
-                        metrics.append(self.run_dir.metrics, {
+                        self.board.add(metrics.append(self.run_dir.metrics, {
                             "kind": "train", "step": progress.step, "loss": value, "lr": lr,
-                            "tokens_per_s": round(tokens_per_s, 1)})
+                            **rates, **({"grad_norm": norm[0]} if norm else {})}))
                 if stop_requested:
                     stopped = self._stop()
                 elif progress.eval_pending:
@@ -421,8 +429,7 @@ class _Training:
             step_s = (time.perf_counter() - started) * self.shares.accum
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        line = hours_on_a_cpu(self.progress.step, self.config, step_s, self.device)
-        if line:
+        if line := hours_on_a_cpu(self.progress.step, self.config, step_s, self.device):
             self.log(line)
 
     def _stop(self) -> str:

@@ -52,7 +52,7 @@ def tiny_cli_args(runs_dir: Path, corpus: Path, **overrides) -> list[str]:
     return args
 
 
-TIMINGS = ("elapsed_s", "tokens_per_s")  # the only fields two runs may differ in
+TIMINGS = ("elapsed_s", "tokens_per_s", "mfu")  # the only fields two runs may differ in
 
 
 def every_record(run_dir: Path) -> list[dict]:
@@ -115,3 +115,14 @@ class HostReads(torch.overrides.TorchFunctionMode):
             if caller.f_code.co_filename.startswith(FASTGPT_SOURCES):
                 self.reads.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
         return func(*args, **(kwargs or {}))
+
+
+class Lines(list):
+    """A `log` callable that collects the lines."""
+
+    def __call__(self, line: str) -> None:
+        assert isinstance(line, str)
+        self.append(line)
+
+    def mentions(self, word: str) -> bool:
+        return any(word in line for line in self)

@@ -51,7 +51,7 @@ def test_parse_value_errors(field, text, message):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"num_heads": 5}, r"num_heads \(5\) must divide d_model \(384\)"),
-    ({"vocab_size": 70000}, "uint16"),
+    ({"vocab_size": 2_000_000}, "vocab_size must be between 256 .* and 1,048,576"),
     ({"vocab_size": 100}, "byte alphabet"),
     ({"dropout": 1.0}, "dropout"),
     ({"batch_size": 0}, "batch_size must be at least 1"),

@@ -178,7 +178,9 @@ def test_resume_after_max_steps_does_nothing(tmp_path, corpus_file):
 
 
 def test_estimate_loss_restores_the_mode_and_uses_the_same_batches(tmp_path, corpus_file):
-    from fastgpt.data import NextTokenDataset, load_corpus, prepare
+    from fastgpt.corpus import load_corpus
+    from fastgpt.data import NextTokenDataset
+    from fastgpt.token_cache import prepare
     data = prepare(load_corpus(str(corpus_file)), 512)
     datasets = {"val": NextTokenDataset(data.val_ids, 16)}
     model = GPT(vocab_size=512, context_length=16, d_model=32, num_heads=2, num_layers=2)
@@ -202,16 +204,16 @@ def test_resume_of_an_auto_corpus_uses_what_auto_chose(tmp_path, real_text, monk
     # Offline, "auto" falls back to pystdlib; the resumed run must read pystdlib again, not
     # resolve "auto" afresh (it might find shakespeare by then). Small stand-ins for both
     # sources make that observable and fast.
-    import fastgpt.data as data_module
-    from fastgpt.data import Corpus
+    import fastgpt.corpus as corpus_module
+    from fastgpt.corpus import Corpus
     shakespeare_calls = []
 
     def offline_shakespeare(log):
         shakespeare_calls.append(1)
         raise FastGPTError("offline")
 
-    monkeypatch.setattr(data_module, "_shakespeare", offline_shakespeare)
-    monkeypatch.setattr(data_module, "_pystdlib", lambda: Corpus("pystdlib", real_text))
+    monkeypatch.setattr(corpus_module, "_shakespeare", offline_shakespeare)
+    monkeypatch.setattr(corpus_module, "_pystdlib", lambda: Corpus("pystdlib", real_text))
     runs = tmp_path / "runs"
     train(tiny_config(runs, "auto", max_steps=2, eval_interval=2))
     assert load_checkpoint(runs / "tiny" / "last.pt")["corpus"]["name"] == "pystdlib"
@@ -638,3 +640,78 @@ def test_a_finished_run_ends_saying_how_to_sample_from_it(tmp_path, corpus_file,
     command = last[last.index("fastgpt sample"):]
     assert command == f"fastgpt sample --run done --runs_dir {shlex.quote(str(runs))}", last
     assert main([*shlex.split(command)[1:], "--max_new_tokens", "3"]) == 0  # it works
+
+
+def _foreign_tokenizer(path: Path, text: str) -> int:
+    """A tokenizer.json that fastgpt did not make: HF BPE of 700 tokens with a "<bos>"
+    special token its post-processor adds to every encoding (as Llama's does); fastgpt must
+    not add it inside the corpus. Returns its vocabulary size."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<bos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", hf.token_to_id("<bos>"))])
+    assert hf.encode("x").ids[0] == hf.token_to_id("<bos>")
+    path.write_text(hf.to_str())
+    return hf.get_vocab_size()
+
+
+@pytest.mark.slow
+def test_a_foreign_tokenizer_trains_resumes_and_samples_end_to_end(tmp_path, corpus_file,
+                                                                    real_text):
+    """`fastgpt train --tokenizer tokenizer.json`: vocab_size padded to a multiple of 64 and
+    said; the ids are the file's (no <bos> inside); the checkpoint keeps the tokenizer (the
+    file may go); --resume continues exactly; `fastgpt sample` decodes with it."""
+    from fastgpt.sample import sample_from_checkpoint
+    from fastgpt.tokenizer import Tokenizer
+    tokenizer_path = tmp_path / "tokenizer.json"
+    tokens = _foreign_tokenizer(tokenizer_path, real_text)
+    runs = tmp_path / "runs"
+    args = [a for a in tiny_cli_args(runs, corpus_file, max_steps=4, eval_interval=2)]
+    at = args.index("--vocab_size")
+    args = args[:at] + args[at + 2:] + ["--tokenizer", str(tokenizer_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, "-m", "fastgpt", "train", *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"vocab_size 704: the tokenizer's {tokens:,} tokens, padded" in run.stdout
+    checkpoint = load_checkpoint(runs / "tiny" / "last.pt")
+    assert checkpoint["config"]["vocab_size"] == 704
+    assert checkpoint["model"]["lm_head.weight"].shape[0] == 704
+    foreign = Tokenizer.load(tokenizer_path)
+    assert Tokenizer.from_json(checkpoint["tokenizer"]).sha256 == foreign.sha256
+    from fastgpt.corpus import load_corpus
+    from fastgpt.token_cache import prepare
+    data = prepare(load_corpus(str(corpus_file)), 704, tokenizer=foreign, log=lambda _: None)
+    ids = np.concatenate([np.asarray(data.train_ids), np.asarray(data.val_ids)])
+    assert ids.tolist() == foreign._tok.encode(real_text, add_special_tokens=False).ids
+    assert foreign._tok.token_to_id("<bos>") not in ids
+
+    tokenizer_path.unlink()  # the run carries its tokenizer: the file is not needed again
+    run = subprocess.run([sys.executable, "-m", "fastgpt", "train", "--resume", "--name",
+                          "tiny", "--runs_dir", str(runs), "--max_steps", "6"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "resuming" in run.stdout and load_checkpoint(runs / "tiny" / "last.pt")["step"] == 6
+    whole_args = args[:args.index("--name")] + ["--name", "whole"] + \
+        args[args.index("--name") + 2:]
+    _foreign_tokenizer(tokenizer_path, real_text)  # the same file again, for the whole run
+    whole = subprocess.run([sys.executable, "-m", "fastgpt", "train", *whole_args,
+                            "--max_steps", "6"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert_same_run(runs / "tiny", runs / "whole")
+
+    sampled = subprocess.run([sys.executable, "-m", "fastgpt", "sample", "--run", "tiny",
+                              "--runs_dir", str(runs), "--prompt", "import ",
+                              "--max_new_tokens", "12", "--seed", "5", "--device", "cpu"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert sampled.returncode == 0, sampled.stderr
+    (text,) = sample_from_checkpoint(str(runs / "tiny" / "best.pt"), prompt="import ",
+                                     max_new_tokens=12, seed=5, device="cpu")
+    assert text.startswith("import ") and text in sampled.stdout
