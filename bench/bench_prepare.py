@@ -6,14 +6,16 @@ the split between training the tokenizer and encoding.
 The corpus is the running Python's own standard library: its .py files (sorted by path,
 non-UTF-8 ones skipped) concatenated, repeated until --mb megabytes, into one file in a
 temporary directory. `fastgpt prepare --corpus FILE --data_dir DIR` runs in a child
-process (an empty token cache: a full prepare), its log lines time-stamped as they come;
-the child's peak resident memory is getrusage's ru_maxrss of its children.
+process (an empty token cache: a full prepare), its log lines time-stamped as they come.
+The child reports its own peak resident memory as it exits: VmHWM of /proc/self/status on
+Linux, the high-water mark of the program it runs. (getrusage's ru_maxrss of the children,
+used before, counts the moment between fork and exec, when the child's resident memory is
+this process's: with torch imported here, ~700 MB, whatever the prepare took.)
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -45,10 +47,27 @@ def stdlib_corpus(path: Path, megabytes: float) -> int:
     return written
 
 
+# `fastgpt ARGS`, then its peak resident memory in KiB on a last line of its own
+REPORTING_PEAK = """
+import resource, sys
+from fastgpt.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    try:
+        status = open("/proc/self/status").read()
+        peak = int(status.split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError):  # not Linux: the process's maximum (KiB on Linux, BSDs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"peak_rss_kib {peak}", flush=True)
+sys.exit(code)
+"""
+
+
 def run_prepare(corpus: Path, data_dir: Path, vocab_size: int) -> dict:
     """Wall time, the seconds to the "encoding" log line (tokenizer training before it),
     and peak RSS of one `fastgpt prepare` in a child process."""
-    command = [sys.executable, "-u", "-m", "fastgpt", "prepare", "--corpus", str(corpus),
+    command = [sys.executable, "-u", "-c", REPORTING_PEAK, "prepare", "--corpus", str(corpus),
                "--data_dir", str(data_dir), "--vocab_size", str(vocab_size)]
     started = time.perf_counter()
     marks: dict[str, float] = {}
@@ -63,7 +82,7 @@ def run_prepare(corpus: Path, data_dir: Path, vocab_size: int) -> dict:
     if child.wait() != 0:
         raise RuntimeError("fastgpt prepare failed:\n" + "\n".join(lines[-20:]))
     wall = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    peak_kib = int(lines[-1].split()[1])
     training = marks.get("encoding", wall) - marks.get("training", 0.0)
     return {"wall_s": wall, "train_tokenizer_s": training,
             "encode_s": marks.get("cached", wall) - marks.get("encoding", wall),

@@ -87,7 +87,9 @@ def test_prepare_benchmark_reports_time_memory_and_the_split(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["MB"], row["vocab"]) == (1.0, 512)
     assert 0 < row["train_tokenizer_s"] < row["wall_s"] and 0 < row["encode_s"] < row["wall_s"]
-    assert row["peak_rss_mb"] > 50 and row["MB_per_s"] > 0  # a Python with torch, at least
+    # the prepare's own peak (it imports no torch), not the ~700 MB that this benchmark's
+    # process (torch imported) held when it forked the child
+    assert 20 < row["peak_rss_mb"] < 400 and row["MB_per_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")

@@ -340,7 +340,7 @@ def test_streamed_prepare_equals_whole_text_preparation(real_text, tmp_path, mon
     monkeypatch.setattr(corpus_mod, "READ_BYTES", 5000)
     if rules == "space_fallback":  # Python source has few newline cuts: spaces cut it
         monkeypatch.setattr(corpus_mod, "FALLBACK_CHARS", 6000)
-    monkeypatch.setattr(cache_mod, "ENCODE_BATCH", 3)
+    monkeypatch.setattr(cache_mod, "ENCODE_BATCH_CHARS", 9000)
     corpus = Corpus("x", text)
     assert len(list(corpus.pieces())) > 30
     data = prepare(corpus, 400, tmp_path, shard_tokens=10_000, log=Lines())
@@ -476,7 +476,7 @@ def test_prepare_never_holds_the_whole_corpus_or_all_its_ids(real_text, tmp_path
     monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 2048)
     monkeypatch.setattr(corpus_mod, "FALLBACK_CHARS", 4096)  # Python source: pieces of ~2K
     monkeypatch.setattr(corpus_mod, "READ_BYTES", 1 << 15)
-    monkeypatch.setattr(cache_mod, "ENCODE_BATCH", 4)
+    monkeypatch.setattr(cache_mod, "ENCODE_BATCH_CHARS", 8192)
     peaks = {}
     for megabytes in (2, 8):
         path = tmp_path / f"corpus{megabytes}.txt"
@@ -494,7 +494,7 @@ import sys
 import fastgpt.corpus as corpus_mod, fastgpt.token_cache as cache_mod
 from fastgpt.corpus import load_corpus
 corpus_mod.CHUNK_CHARS = 2048
-cache_mod.ENCODE_BATCH = 2
+cache_mod.ENCODE_BATCH_CHARS = 4096
 print("start", flush=True)
 cache_mod.prepare(load_corpus(sys.argv[1]), 300, sys.argv[2], log=lambda line: None,
                   shard_tokens=5000)
