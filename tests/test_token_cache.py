@@ -617,3 +617,12 @@ def test_prepare_says_how_far_it_is_once_a_minute_off_a_terminal(small_corpus, t
         assert lines, log
         assert re.fullmatch(rf"{phase}: 0 of {n:,.0f} MB \([0-9.]+ MB/s\), about \d+ s to go",
                             lines[-1]), lines[-1]
+
+
+def test_a_token_cache_that_cannot_be_written_is_one_line(small_corpus, tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    with pytest.raises(FastGPTError) as info:
+        prepare(small_corpus, 300, blocked, log=Lines())
+    directory = blocked / cache_mod.cache_name(small_corpus, 300)
+    assert str(info.value) == f"cannot write the token cache in {directory}: Not a directory"
