@@ -107,11 +107,11 @@ def plot_losses(metrics_path: Path, png_path: Path, vocab_size: int) -> bool:
 # Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s (FP32 accumulate) of one GPU, keyed by
 # what torch.cuda.get_device_name() returns. From NVIDIA's datasheets, which print the
 # sparse figure (marked *): half of it is the dense one; the Hopper, Ada and GA102
-# whitepapers print both. A name not here (another GPU, a MIG slice) gets no MFU.
+# whitepapers print both. A name not here (another GPU, a MIG slice) gets no MFU. The H100
+# NVL is left out: its datasheets of 2023 and 2024 give different figures.
 PEAK_BF16_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5 (Hopper whitepaper; datasheet 1,979*)
     "NVIDIA H100 PCIe": 756.5e12,       # H100 datasheet: 1,513*
-    "NVIDIA H100 NVL": 835.5e12,        # H100 datasheet (2024): 1,671*
     "NVIDIA H200": 989.5e12,            # H200 SXM, H200 datasheet: 1,979*
     "NVIDIA H200 NVL": 835.5e12,        # H200 datasheet: 1,671*
     "NVIDIA A100-SXM4-40GB": 312e12,    # A100 datasheet: 312 (624*), SXM and PCIe alike
