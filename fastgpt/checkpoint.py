@@ -131,15 +131,17 @@ def check_resumable(run: RunDir) -> None:
 def load_resumable(run: RunDir, log: Callable[[str], None] = _warn,
                    config: TrainConfig | None = None) -> dict:
     """`run`'s last.pt, loaded, which must belong to `run` (see _check_belongs) and, given
-    `config`, have its model shape and weight decay groups."""
+    `config`, have its model shape, weight decay groups and tokenizer settings (a resumed
+    run encodes with the checkpoint's tokenizer: another --tokenizer would be ignored)."""
     check_resumable(run)
     checkpoint = load_checkpoint(run.last, log=log)
     _check_belongs(checkpoint, run.last, run.config)
-    for field in ARCHITECTURE_FIELDS + ("weight_decay_all",) if config is not None else ():
-        if checkpoint["config"][field] != getattr(config, field):
-            raise FastGPTError(
-                f"{run.last} was trained with {field}={checkpoint['config'][field]}; "
-                f"it cannot resume with {field}={getattr(config, field)}")
+    fixed = ARCHITECTURE_FIELDS + ("weight_decay_all", "tokenizer", "tokenizer_train_bytes")
+    for field in fixed if config is not None else ():
+        then = checkpoint["config"].get(field, getattr(TrainConfig, field))  # older: default
+        if then != getattr(config, field):
+            raise FastGPTError(f"{run.last} was trained with {field}={then!r}; it cannot "
+                               f"resume with {field}={getattr(config, field)!r}")
     return checkpoint
 
 

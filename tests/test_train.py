@@ -715,3 +715,21 @@ def test_a_foreign_tokenizer_trains_resumes_and_samples_end_to_end(tmp_path, cor
     (text,) = sample_from_checkpoint(str(runs / "tiny" / "best.pt"), prompt="import ",
                                      max_new_tokens=12, seed=5, device="cpu")
     assert text.startswith("import ") and text in sampled.stdout
+
+
+def test_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path, corpus_file, real_text):
+    """A resumed run encodes with its checkpoint's tokenizer: a --tokenizer (or
+    tokenizer_train_bytes) given on resume would be silently ignored, so it is refused."""
+    runs = tmp_path / "runs"
+    train(tiny_config(runs, corpus_file, max_steps=2, eval_interval=2))
+    other = tmp_path / "other.json"
+    _foreign_tokenizer(other, real_text)
+    for field, value in (("tokenizer", str(other)), ("tokenizer_train_bytes", 1000)):
+        config = resume_config(str(runs), "tiny", {field: value})
+        with pytest.raises(FastGPTError) as info:
+            train(config, resume=True)
+        before = "" if field == "tokenizer" else 500_000_000
+        assert str(info.value) == (f"{runs / 'tiny' / 'last.pt'} was trained with "
+                                   f"{field}={before!r}; it cannot resume with "
+                                   f"{field}={value!r}")
+    assert train(resume_config(str(runs), "tiny", {"max_steps": 3}), resume=True)["step"] == 3
