@@ -105,6 +105,7 @@ def test_mfu_reaches_the_records_and_the_event_files(tmp_path, corpus_file, monk
     trains = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert len(trains) == 4
     for r in trains:
+        # the record's mfu is rounded to 4 places and its tokens_per_s to 0.1 (~1e-6 here)
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / peak, abs=1e-4)
     tags = {"train": ("loss", "lr", "tokens_per_s", "mfu"), "eval": ("train_loss", "val_loss")}
     assert read_board(run_dir) == expected_board(run_dir, tags)

@@ -4,7 +4,7 @@ vocab-size limits, (de)serialisation and determinism."""
 import pytest
 
 from fastgpt import FastGPTError
-from fastgpt.tokenizer import CHUNK_CHARS, Tokenizer, _chunks
+from fastgpt.tokenizer import CHUNK_CHARS, Tokenizer, _chunks, next_cut
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,25 @@ def test_load_of_garbage_file_raises(tmp_path):
         Tokenizer.load(path)
     assert str(info.value) == (f"{path} is not a HuggingFace tokenizer.json (expected ident at "
                                f"line 1 column 2)")
+
+
+@pytest.mark.parametrize("vocab_size", [512, 4096])
+def test_every_cut_either_rule_allows_leaves_the_ids_unchanged(real_text, vocab_size):
+    """At each cut that next_cut allows (the newline rule, and the space rule that Python
+    source falls back on), encoding the text around it whole equals encoding the two sides
+    apart: checked at every allowed cut of argparse's source and of play-like lines."""
+    play = "".join(f"KING {i}:\nGo to, sir. Thou art {i} and well met!\n\n  Exeunt.\n"
+                   for i in range(300))
+    text = real_text + play
+    tok = Tokenizer.train([text], vocab_size)
+    for fallback in (False, True):
+        cuts, at = [], 1
+        while (cut := next_cut(text, at, fallback=fallback)) is not None:
+            cuts.append(cut)
+            at = cut + 1
+        assert len(cuts) > (500 if fallback else 300)
+        for cut in cuts:
+            window = text[max(cut - 200, 0):cut + 200]
+            k = cut - max(cut - 200, 0)
+            assert tok._tok.encode(window).ids == (tok._tok.encode(window[:k]).ids
+                                                   + tok._tok.encode(window[k:]).ids), cut
